@@ -1,0 +1,276 @@
+"""The SA gate's HTTP/1.x server protocol.
+
+Not twisted.web: devices need the whole answer (status line, headers, body) in one transport
+write with Content-Length and then a close (§1 rule 5), and the https-tunnel (§9) is a POST
+whose body never ends, served on the same port. A small protocol that reads one request,
+enforces size and time limits while reading, and writes one answer does both plainly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from ..arms.framing import ChunkDecoder, FramingError, build_http_error
+
+MAX_HEAD_BYTES = 8192
+MAX_HEADER_LINE = 4096
+
+
+@dataclass(slots=True)
+class GateRequest:
+    method: str
+    target: str
+    version: str
+    headers: list[tuple[str, str]]
+    body: bytes
+    peer: str  # "ip:port" as seen on the socket
+    client_certificate: bytes | None = None  # DER of the SA's certificate, if it sent one
+    received_at: float = 0.0
+
+    def header(self, name: str) -> str | None:
+        lname = name.lower()
+        for key, value in self.headers:
+            if key.lower() == lname:
+                return value
+        return None
+
+    @property
+    def path(self) -> str:
+        return self.target.split("?", 1)[0]
+
+
+Handler = Callable[[GateRequest], Awaitable[bytes]]
+
+
+@dataclass(slots=True)
+class GateLimits:
+    max_body: int = 1024 * 1024
+    request_timeout: float = 20.0  # whole request must arrive within this (slow clients)
+    answer_timeout: float = 25.0  # hard stop for the handler (the SA gives up at 30 s)
+    paths: frozenset[str] = field(default_factory=frozenset)  # empty: any path
+
+
+class RequestRejected(Exception):
+    def __init__(
+        self, status: int, reason: str, extra_headers: tuple[tuple[str, str], ...] = ()
+    ) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+        self.extra_headers = extra_headers
+
+
+class SAGateProtocol(Protocol):
+    log = Logger()
+
+    def __init__(self, factory: SAGateFactory) -> None:
+        self.factory = factory
+        self._buffer = bytearray()
+        self._head: tuple[str, str, str, list[tuple[str, str]]] | None = None
+        self._content_length: int | None = None
+        self._chunks: ChunkDecoder | None = None
+        self._body = bytearray()
+        self._deadline: IDelayedCall | None = None
+        self._answered = False
+        self._handling: defer.Deferred[bytes] | None = None
+        self._peer = ""
+
+    # -- connection life ------------------------------------------------------------------
+    def connectionMade(self) -> None:
+        peer = self.transport.getPeer()
+        self._peer = f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}"
+        self._deadline = self.factory.clock.callLater(
+            self.factory.limits.request_timeout, self._request_too_slow
+        )
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self._cancel_deadline()
+        if self._handling is not None and not self._answered:
+            self.log.info("SA {peer} closed the connection before its answer", peer=self._peer)
+            self._handling.cancel()
+
+    def _cancel_deadline(self) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+
+    def _request_too_slow(self) -> None:
+        self._deadline = None
+        self.factory.count("rejected.slow_request")
+        self.log.warn(
+            "SA gate: request from {peer} not complete within {t} s; dropped",
+            peer=self._peer, t=self.factory.limits.request_timeout,
+        )
+        self._write_once(build_http_error(408))
+
+    # -- reading --------------------------------------------------------------------------
+    def dataReceived(self, data: bytes) -> None:
+        if self._answered or self._handling is not None:
+            return  # one request per connection; ignore anything after it
+        try:
+            self._consume(data)
+        except RequestRejected as e:
+            self._reject(e)
+        except FramingError as e:
+            self._reject(RequestRejected(400, f"bad HTTP framing: {e}"))
+
+    def _consume(self, data: bytes) -> None:
+        if self._head is None:
+            self._buffer += data
+            end = self._buffer.find(b"\r\n\r\n")
+            if end < 0:
+                if len(self._buffer) > MAX_HEAD_BYTES:
+                    raise RequestRejected(431, "request header block too large")
+                return
+            head = bytes(self._buffer[:end])
+            rest = bytes(self._buffer[end + 4 :])
+            self._buffer.clear()
+            self._start(head)
+            data = rest
+        self._feed_body(data)
+
+    def _start(self, head: bytes) -> None:
+        try:
+            text = head.decode("ascii")
+        except UnicodeDecodeError:
+            raise RequestRejected(400, "non-ASCII bytes in the request header") from None
+        lines = text.split("\r\n")
+        parts = lines[0].split(" ")
+        if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+            raise RequestRejected(400, f"malformed request line {lines[0][:80]!r}")
+        method, target, version = parts
+        headers: list[tuple[str, str]] = []
+        for line in lines[1:]:
+            if len(line) > MAX_HEADER_LINE or ":" not in line:
+                raise RequestRejected(400, "malformed or oversized header line")
+            name, value = line.split(":", 1)
+            headers.append((name.strip(), value.strip()))
+        self._head = (method, target, version, headers)
+        limits = self.factory.limits
+        path = target.split("?", 1)[0]
+        if limits.paths and path not in limits.paths:
+            raise RequestRejected(404, f"unknown path {path[:80]!r}")
+        if method != "POST":
+            raise RequestRejected(405, f"method {method[:16]!r} not allowed", (("Allow", "POST"),))
+        lookup = {k.lower(): v for k, v in headers}
+        if "chunked" in lookup.get("transfer-encoding", "").lower():
+            self._chunks = ChunkDecoder(max_chunk_size=limits.max_body)
+        elif "content-length" in lookup:
+            try:
+                length = int(lookup["content-length"])
+            except ValueError:
+                raise RequestRejected(400, "malformed Content-Length") from None
+            if length < 0:
+                raise RequestRejected(400, "negative Content-Length")
+            if length > limits.max_body:
+                # Refused from the header alone: the body is never read.
+                raise RequestRejected(
+                    413, f"body of {length} bytes over the {limits.max_body} limit"
+                )
+            self._content_length = length
+        else:
+            raise RequestRejected(411, "POST without Content-Length or chunked body")
+
+    def _feed_body(self, data: bytes) -> None:
+        limits = self.factory.limits
+        if self._chunks is not None:
+            for chunk in self._chunks.feed(data):
+                if chunk.end_of_stream:
+                    self._dispatch()
+                    return
+                self._body += chunk.data
+                if len(self._body) > limits.max_body:
+                    raise RequestRejected(413, f"chunked body over the {limits.max_body} limit")
+            return
+        assert self._content_length is not None
+        self._body += data
+        if len(self._body) >= self._content_length:
+            del self._body[self._content_length :]
+            self._dispatch()
+
+    # -- answering ------------------------------------------------------------------------
+    def _dispatch(self) -> None:
+        self._cancel_deadline()
+        assert self._head is not None
+        method, target, version, headers = self._head
+        request = GateRequest(
+            method=method, target=target, version=version, headers=headers,
+            body=bytes(self._body), peer=self._peer,
+            client_certificate=self._peer_certificate(),
+            received_at=self.factory.clock.seconds(),
+        )
+        self._body.clear()
+        d = defer.ensureDeferred(self.factory.handler(request))
+        self._handling = d
+        d.addTimeout(self.factory.limits.answer_timeout, self.factory.clock)
+        d.addCallbacks(self._write_once, self._handler_failed)
+
+    def _handler_failed(self, failure: Failure) -> None:
+        if failure.check(defer.CancelledError, defer.TimeoutError):
+            if not self._answered and self.transport.connected:
+                self.log.error("SA gate: no answer within the hard limit for {peer}",
+                               peer=self._peer)
+                self.factory.count("answer.timeout")
+                self._write_once(build_http_error(503))
+            return
+        self.factory.count("answer.internal_error")
+        self.log.failure("SA gate: handler failed for {peer}", failure, peer=self._peer)
+        self._write_once(build_http_error(500))
+
+    def _reject(self, e: RequestRejected) -> None:
+        self.factory.count(f"rejected.http_{e.status}")
+        self.log.warn("SA gate: {status} to {peer}: {reason}",
+                      status=e.status, peer=self._peer, reason=e.reason)
+        self._write_once(build_http_error(e.status, extra_headers=e.extra_headers))
+
+    def _write_once(self, response: bytes) -> None:
+        """The whole answer in one transport write, then close (§1 rule 5)."""
+        if self._answered:
+            return
+        self._answered = True
+        self._cancel_deadline()
+        self.transport.write(response)
+        self.transport.loseConnection()
+
+    def _peer_certificate(self) -> bytes | None:
+        getter = getattr(self.transport, "getPeerCertificate", None)
+        if getter is None:
+            return None
+        try:
+            cert = getter()
+        except Exception:
+            return None
+        if cert is None:
+            return None
+        from OpenSSL import crypto
+
+        return crypto.dump_certificate(crypto.FILETYPE_ASN1, cert)
+
+
+class SAGateFactory(Factory):
+    def __init__(
+        self,
+        handler: Handler,
+        *,
+        clock: IReactorTime,
+        limits: GateLimits | None = None,
+        counter: Callable[[str], None] | None = None,
+    ) -> None:
+        self.handler = handler
+        self.clock = clock
+        self.limits = limits or GateLimits()
+        self._counter = counter
+
+    def count(self, name: str) -> None:
+        if self._counter is not None:
+            self._counter(name)
+
+    def buildProtocol(self, addr: object) -> SAGateProtocol:
+        return SAGateProtocol(self)

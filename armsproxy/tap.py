@@ -1,0 +1,153 @@
+"""``twistd armsproxy``: options and the service tree.
+
+With ``--config`` the proxy runs as the operator configured it. Without, it runs the embedded
+default: proxy + demo RS on loopback, a dev PKI and SQLite under ``--data-dir``, so that a
+newcomer can point a device (or ``armsproxy-sasim``) at it at once.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+from twisted.application import service
+from twisted.application.internet import StreamServerEndpointService
+from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger
+from twisted.python import usage
+
+from . import __version__
+from .config import Config, ConfigError, embedded, load
+from .rs_client import KeyCache, RSClient
+from .sa_gate.protocol import GateLimits, SAGateFactory
+from .sa_gate.relay import PullRelay, RelaySettings
+from .tls import ListenerConfigError, TLSPolicy, tls_listener
+
+log = Logger()
+
+
+class Options(usage.Options):
+    synopsis = "[--config FILE | --data-dir DIR]"
+    longdesc = (
+        "ARMS Proxy: relays libarms devices (SAs) to an RS over XML-RPC. Without --config it "
+        "runs the embedded default: the proxy plus a demo RS on 127.0.0.1, with a generated "
+        "development PKI and SQLite under --data-dir."
+    )
+    optParameters = [
+        ["config", "c", None, "Configuration file (see etc/armsproxy.conf)."],
+        ["data-dir", "d", "armsproxy-data", "Data directory for the embedded default."],
+        ["port", "p", "8443", "SA gate port for the embedded default."],
+        ["rs-port", None, "8790", "Demo RS port for the embedded default."],
+    ]
+
+    def opt_version(self) -> None:
+        print(f"armsproxy {__version__}")
+        sys.exit(0)
+
+    def postOptions(self) -> None:
+        try:
+            if self["config"]:
+                self["cfg"] = load(Path(self["config"]))
+            else:
+                self["cfg"] = embedded(
+                    Path(self["data-dir"]).absolute(),
+                    port=int(self["port"]),
+                    rs_port=int(self["rs-port"]),
+                )
+        except (ConfigError, ValueError) as e:
+            raise usage.UsageError(str(e)) from None
+
+
+class _Closing(service.Service):
+    """Closes the RS client's connection pool when the application stops."""
+
+    def __init__(self, rs: RSClient) -> None:
+        self.rs = rs
+
+    def stopService(self) -> Any:
+        super().stopService()
+        return self.rs.close()
+
+
+def _read(path: Path | None) -> bytes | None:
+    return path.read_bytes() if path else None
+
+
+def build_services(cfg: Config, reactor: Any = None) -> service.MultiService:
+    if reactor is None:
+        from twisted.internet import reactor as default_reactor
+
+        reactor = default_reactor
+    top = service.MultiService()
+    if cfg.demo_rs:
+        _add_demo_rs(cfg, top, reactor)
+    rs = RSClient(
+        reactor, cfg.rs_url, ca_pem=_read(cfg.rs_ca),
+        client_cert_pem=_read(cfg.rs_client_certificate), timeout=cfg.rs_timeout,
+    )
+    _Closing(rs).setServiceParent(top)
+    relay = PullRelay(
+        rs=rs,
+        keys=KeyCache(rs, reactor, ttl=cfg.key_cache_ttl),
+        settings=RelaySettings(
+            public_urls=cfg.public_urls, default_methods=cfg.push_methods,
+            tunnel_urls=cfg.tunnel_urls, echo_interval=cfg.echo_interval,
+        ),
+        clock=reactor,
+        relay_budget=cfg.relay_budget,
+        max_body=cfg.max_body,
+    )
+    factory = SAGateFactory(
+        relay.handle,
+        clock=reactor,
+        limits=GateLimits(
+            max_body=cfg.max_body, request_timeout=cfg.request_timeout,
+            answer_timeout=min(cfg.relay_budget + 5.0, 28.0), paths=cfg.sa_paths,
+        ),
+        counter=lambda name: relay.stats.update([name]),
+    )
+    try:
+        listener = tls_listener(
+            reactor, cfg.sa_listen,
+            TLSPolicy(minimum_version=cfg.tls_minimum_version,
+                      client_ca_pem=_read(cfg.client_ca)),
+        )
+    except ListenerConfigError as e:
+        raise usage.UsageError(str(e)) from None
+    sa_gate = StreamServerEndpointService(listener, factory)
+    sa_gate.setName("sa-gate")
+    sa_gate.setServiceParent(top)
+    top.relay = relay  # type: ignore[attr-defined]  # for tests and the management view
+    return top
+
+
+def _add_demo_rs(cfg: Config, top: service.MultiService, reactor: Any) -> None:
+    from .demo_rs.db import DemoDB
+    from .demo_rs.server import make_demo_rs_site
+    from .pki import ensure_dev_pki
+
+    cfg.data_dir.mkdir(parents=True, exist_ok=True)
+    hosts = sorted({u.split("//", 1)[1].split("/", 1)[0].rsplit(":", 1)[0].strip("[]")
+                    for u in cfg.public_urls})
+    pki = ensure_dev_pki(cfg.data_dir / "pki", hosts)
+    assert cfg.demo_rs_db is not None
+    db = DemoDB(cfg.demo_rs_db)
+    site = make_demo_rs_site(db)
+    demo = StreamServerEndpointService(serverFromString(reactor, cfg.demo_rs_listen), site)
+    demo.setName("demo-rs")
+    demo.setServiceParent(top)
+    print(
+        "armsproxy embedded default\n"
+        f"  SA gate URL (give it to the LS as rs-info/url): {', '.join(cfg.public_urls)}\n"
+        f"  CA to hand out as rs-certificate:             {pki.ca_cert_path}\n"
+        f"  CA key (issues SA certificates):               {pki.ca_key_path}\n"
+        f"  demo RS (XML-RPC):                             {cfg.rs_url}\n"
+        f"  register a device: armsproxy-demo-rs --db {cfg.demo_rs_db} register "
+        "DISTID --key KEY\n",
+        flush=True,
+    )
+
+
+def makeService(options: Options) -> service.IService:
+    return build_services(options["cfg"])
