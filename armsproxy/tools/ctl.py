@@ -9,6 +9,7 @@ device rules (``armsproxy.arms.guard``). The first invalid file stops the run wi
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ from ..arms import framing, guard, schema
 from ..arms.codec import MessageError, parse_element, parse_message
 from ..arms.messages import ArmsRequest, ArmsResponse
 
+_XML_DECLARATION = re.compile(rb"\A\s*<\?xml[^>]*\?>")
 SA_INITIATED = frozenset(
     {"rs-solicitation", "config-solicitation", "push-method-query", "push-confirmation-start"}
 )
@@ -52,6 +54,8 @@ def arms_documents(data: bytes) -> tuple[list[bytes], list[str]]:
         except framing.FramingError as e:
             raise CheckFailed(f"HTTP framing: {e}") from None
         xml = framing.extract_arms_xml(message.body)
+        if not xml and _XML_DECLARATION.sub(b"", message.body).strip():
+            raise CheckFailed("the body is not a complete <arms-message> document")
         return ([xml] if xml else []), list(message.framing_notes)
     try:
         events = framing.parse_tunnel_file(data)
