@@ -9,6 +9,7 @@ plain ``tcp:`` (or ``unix:``) endpoint with ``TLSMemoryBIOFactory``.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -89,6 +90,16 @@ def _read_pems(path: str, what: str) -> bytes:
         raise ListenerConfigError(f"cannot read {what} {path!r}: {e.strerror}") from None
 
 
+_PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.S)
+
+
+def load_pem_chain(pem: bytes) -> list[crypto.X509]:
+    certs = [crypto.load_certificate(crypto.FILETYPE_PEM, m) for m in _PEM_CERT.findall(pem)]
+    if not certs:
+        raise ListenerConfigError("no PEM certificate found")
+    return certs
+
+
 def certificate_options(
     cert_pem: bytes, key_pem: bytes, chain_pem: bytes | None, policy: TLSPolicy
 ) -> ssl.CertificateOptions:
@@ -99,7 +110,7 @@ def certificate_options(
     try:
         certificate = crypto.load_certificate(crypto.FILETYPE_PEM, cert_pem)
         private_key = crypto.load_privatekey(crypto.FILETYPE_PEM, key_pem)
-        chain = [c.original for c in ssl.Certificate.loadPEMChain(chain_pem)] if chain_pem else []
+        chain = load_pem_chain(chain_pem) if chain_pem else []
     except (crypto.Error, ValueError) as e:
         raise ListenerConfigError(f"unusable certificate or key: {e}") from None
     kwargs: dict[str, object] = {}
@@ -110,7 +121,7 @@ def certificate_options(
     else:
         kwargs["raiseMinimumTo"] = minimum
     if policy.client_ca_pem:
-        cas = [c.original for c in ssl.Certificate.loadPEMChain(policy.client_ca_pem)]
+        cas = load_pem_chain(policy.client_ca_pem)
         # VERIFY_PEER without FAIL_IF_NO_PEER_CERT: a device that has no certificate yet (its
         # first config-solicitation) must still get through (§2.1).
         kwargs.update(verify=True, caCerts=cas, requireCertificate=False)

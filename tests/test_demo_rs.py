@@ -2,20 +2,28 @@
 
 from __future__ import annotations
 
+import os
+import re
+import shutil
+import signal
 import sqlite3
+import subprocess
+import sys
 import threading
 import xmlrpc.client
 from io import BytesIO
+from pathlib import Path
 
 import pytest
 import pytest_twisted
 from cryptography import x509
 from cryptography.x509.oid import NameOID
-from twisted.internet import defer, protocol, reactor
+from twisted.internet import defer, protocol, reactor, threads
 from twisted.web.client import Agent, FileBodyProducer, ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 
+import armsproxy
 from armsproxy import pki
 from armsproxy.demo_rs import cli
 from armsproxy.demo_rs.db import SCHEMA_VERSION, DemoDB
@@ -30,30 +38,35 @@ BINARY_CONFIG = b"\x89CFG\x00\x01\xff\r\n"
 
 @pytest.fixture(scope="module")
 def ca_files(tmp_path_factory):
-    dev = pki.ensure_dev_pki(tmp_path_factory.mktemp("pki"), ["127.0.0.1"])
-    return dev
+    return pki.ensure_dev_pki(tmp_path_factory.mktemp("pki"), ["127.0.0.1"])
 
 
-@pytest.fixture
-def db_path(tmp_path, ca_files):
-    path = tmp_path / "rs.db"
-    (tmp_path / "text.cfg").write_bytes(TEXT_CONFIG)
-    (tmp_path / "bin.cfg").write_bytes(BINARY_CONFIG)
+@pytest.fixture(scope="module")
+def template_db(tmp_path_factory, ca_files):
+    """A database filled through the CLI once (issuing a certificate costs an RSA key)."""
+    d = tmp_path_factory.mktemp("template")
+    path = d / "rs.db"
+    (d / "text.cfg").write_bytes(TEXT_CONFIG)
+    (d / "bin.cfg").write_bytes(BINARY_CONFIG)
     argv = ["--db", str(path), "register", DISTID, "--key", "s3cret-key"]
     argv += ["--description", "edge router", "--push-port", "18450", "--push-timeout", "600"]
     argv += ["--module", "10:3.1:https://203.0.113.10/pkg/router-base"]
-    argv += ["--module", "11:1.0:vpn", "--md-config", f"10:{tmp_path / 'text.cfg'}"]
-    argv += [
-        "--md-config",
-        f"11:{tmp_path / 'bin.cfg'}",
-        "--push-methods",
-        "https-tunnel,https-simple",
-    ]
+    argv += ["--module", "11:1.0:vpn", "--md-config", f"10:{d / 'text.cfg'}"]
+    argv += ["--md-config", f"11:{d / 'bin.cfg'}", "--push-methods", "https-tunnel,https-simple"]
     assert cli.main(argv) == 0
     assert cli.main(["--db", str(path), "register", OTHER, "--key", "k2"]) == 0
     argv = ["--db", str(path), "issue-cert", DISTID]
     argv += ["--ca-cert", str(ca_files.ca_cert_path), "--ca-key", str(ca_files.ca_key_path)]
     assert cli.main(argv) == 0
+    assert not path.with_name("rs.db-wal").exists()  # checkpointed on close: one file to copy
+    return path
+
+
+@pytest.fixture
+def db_path(tmp_path, template_db):
+    (tmp_path / "text.cfg").write_bytes(TEXT_CONFIG)
+    path = tmp_path / "rs.db"
+    shutil.copyfile(template_db, path)
     return path
 
 
@@ -368,3 +381,29 @@ def test_cli_binary_detection():
     assert cli.is_text_config(b"a\tb\nc ~")
     for raw in (b"\r\n", b"\x00", "é".encode(), b"\x7f"):
         assert not cli.is_text_config(raw)
+
+
+def _serve(db_path):
+    """Run ``serve`` in a child process and return (process, port) once it listens."""
+    env = dict(os.environ, PYTHONPATH=str(Path(armsproxy.__file__).parent.parent))
+    args = [sys.executable, "-m", "armsproxy.demo_rs.cli", "--db", str(db_path)]
+    args += ["serve", "--listen", "tcp:0:interface=127.0.0.1"]
+    proc = subprocess.Popen(args, env=env, stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:
+        found = re.search(r"demo RS listening on .*port=(\d+)", line)
+        if found:
+            return proc, int(found.group(1))
+    raise AssertionError(f"serve exited with {proc.wait()} before listening")
+
+
+@pytest_twisted.ensureDeferred
+async def test_cli_serve_answers_and_stops_on_sigterm(db_path):
+    proc, port = await threads.deferToThread(_serve, db_path)
+    try:
+        url = f"http://127.0.0.1:{port}/RPC2".encode()
+        assert await call(url, "arms.sa_key", DISTID) == "s3cret-key"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = await threads.deferToThread(proc.wait, 10)
+        proc.stderr.close()
+    assert code == 0

@@ -817,6 +817,20 @@ async def test_size_bound_drops_oldest():
 
 
 @pytest_twisted.ensureDeferred
+async def test_size_bound_counts_age_from_the_last_fetch():
+    src, clock, cache = make_cache(max_entries=2, ttl=10.0)
+    src.keys.update({OTHER: "o", UNKNOWN: "u"})
+    assert await cache.check(DISTID, "k1")
+    assert await cache.check(OTHER, "o")
+    clock.advance(10)
+    assert await cache.check(DISTID, "k1")  # expired, fetched again: now the newest
+    assert await cache.check(UNKNOWN, "u")  # pushes out OTHER, not DISTID
+    assert src.calls == [DISTID, OTHER, DISTID, UNKNOWN]
+    assert await cache.check(DISTID, "k1")
+    assert len(src.calls) == 4
+
+
+@pytest_twisted.ensureDeferred
 async def test_empty_key_never_matches():
     src, _clock, cache = make_cache()
     src.keys[DISTID] = ""

@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
+from twisted.logger import Logger
+
 from armsproxy.arms.distid import is_distid
 from armsproxy.demo_rs import db as demo_db
 from armsproxy.pki import PKIError, issue_sa_cert, load_certkey
@@ -25,6 +27,8 @@ DEFAULT_PUSH_PORT = 10443
 MAX_HEARTBEATS = 5  # more and the SA rejects the whole answer (§11.2)
 MAX_KEY_LEN = 64  # RS key limit (§11.2)
 MAX_XMLRPC_INT = 2**31 - 1
+
+log = Logger()
 
 
 class UsageError(Exception):
@@ -270,6 +274,7 @@ def _cmd_events(conn: sqlite3.Connection, args: argparse.Namespace) -> int:
 def _cmd_serve(db_path: Path, listen: str) -> int:
     from twisted.internet import reactor
     from twisted.internet.endpoints import serverFromString
+    from twisted.internet.interfaces import IListeningPort
     from twisted.logger import globalLogBeginner, textFileLogObserver
 
     from armsproxy.demo_rs.server import make_demo_rs_site
@@ -285,11 +290,14 @@ def _cmd_serve(db_path: Path, listen: str) -> int:
     def start() -> None:
         d = endpoint.listen(make_demo_rs_site(database))
 
+        def listening(port: IListeningPort) -> None:
+            log.info("demo RS listening on {address}", address=port.getHost())
+
         def cannot_listen(failure: object) -> None:
             failed.append(str(getattr(failure, "value", failure)))
             reactor.stop()
 
-        d.addErrback(cannot_listen)
+        d.addCallbacks(listening, cannot_listen)
 
     reactor.callWhenRunning(start)
     reactor.run()

@@ -23,7 +23,11 @@ from lxml import etree
 from OpenSSL import SSL, crypto
 from twisted.internet import defer
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
-from twisted.internet.interfaces import IDelayedCall, IHandshakeListener
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IHandshakeListener,
+    IOpenSSLClientConnectionCreator,
+)
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
@@ -377,11 +381,15 @@ def _hardened_pull_parser() -> etree.XMLPullParser:
     )
 
 
+_NON_ASCII = re.compile(rb"[\x80-\xff]")
+
+
 def _walk(data: bytes, *, final: bool) -> _Walk:
     """Walk `data` like libarms' schema walker: unknown subtrees and whitelist losses vanish."""
     problems: list[str] = []
     error: str | None = None
-    bad = next((i for i, b in enumerate(data) if b >= 0x80), None)
+    match = _NON_ASCII.search(data)
+    bad = match.start() if match else None
     if bad is not None:
         problems.append(f"body byte {bad} is not 7-bit ASCII (the SA's parser stops there)")
         data = data[:bad]
@@ -597,6 +605,13 @@ def _judge(
     if len(reads) > 1:
         v.notes.append(f"answer arrived in {len(reads)} reads, not one write")
     body = raw[http.header_end :]
+    if not http.chunked:
+        # libarms ignores Content-Length, but every other client needs it (§2.4 recommends it).
+        lengths = [value for name, value in http.headers if name.lower() == "content-length"]
+        if not lengths:
+            v.notes.append("no Content-Length header")
+        elif lengths[0] != str(len(body)):
+            v.notes.append(f"Content-Length {lengths[0]} but the body has {len(body)} bytes")
     if http.chunked:
         v.problems.append(
             "answer is chunked: libarms mis-parses chunked bodies; use Content-Length"
@@ -630,6 +645,10 @@ def _judge(
         piece = body if http.chunked else _first_body_piece(raw, reads, http.header_end)
         walk = _walk(piece, final=False)
         v.problems.extend(walk.problems)
+        if walk.error is not None:
+            # Strict where libarms is unclear: a piece the parser rejects is not trusted.
+            v.problems.append(f"XML error in the first body piece: {walk.error}")
+            return v
 
     responses = walk.find(_AR)
     codes = walk.closed((*_AR, "result-code"))
@@ -688,7 +707,7 @@ def _check_config_solicitation(walk: _Walk, v: DeviceVerdict, fatal: list[str]) 
         p.append("no heartbeat-info: busy-loop hazard (the SA's heartbeat timer runs at 0 s)")
     intervals: list[int | None] = []
     bounds = [hb.order for hb in heartbeats[1:]] + [len(walk.elems)]
-    for hb, limit in zip(heartbeats, bounds, strict=True):
+    for hb, limit in zip(heartbeats, bounds, strict=False):
 
         def child(name: str, hb: _Elem = hb, limit: int = limit) -> _Elem | None:
             found = [e for e in walk.closed((*hb.path, name)) if hb.order < e.order < limit]
@@ -840,6 +859,7 @@ def _sa_verify(conn: SSL.Connection, cert: crypto.X509, errno: int, depth: int, 
     return bool(ok) or errno in (_OPENSSL_CERT_NOT_YET_VALID, _OPENSSL_CERT_HAS_EXPIRED)
 
 
+@implementer(IOpenSSLClientConnectionCreator)
 class SAConnectionCreator:
     """Client TLS like libarms: one CA, no SNI, no name check, fresh context per connection."""
 
@@ -853,14 +873,14 @@ class SAConnectionCreator:
         tls_max_version: int | None = None,
         cipher_list: bytes | None = None,
     ) -> None:
+        # Only the first certificate counts: the SA's store holds exactly one (§2.1).
         self._ca = crypto.load_certificate(crypto.FILETYPE_PEM, _first_pem(ca_pem, b"CERTIFICATE"))
-        self._cert = self._key = None
+        self._cert: x509.Certificate | None = None
+        self._key: Any = None
         if client_cert_pem is not None:
-            self._cert = crypto.load_certificate(
-                crypto.FILETYPE_PEM, _first_pem(client_cert_pem, b"CERTIFICATE")
-            )
-            self._key = crypto.load_privatekey(
-                crypto.FILETYPE_PEM, _first_key_pem(client_key_pem or client_cert_pem)
+            self._cert = x509.load_pem_x509_certificate(_first_pem(client_cert_pem, b"CERTIFICATE"))
+            self._key = serialization.load_pem_private_key(
+                _first_key_pem(client_key_pem or client_cert_pem), None
             )
         self._min = tls_min_version
         self._max = tls_max_version
@@ -941,7 +961,8 @@ class _ExchangeProtocol(Protocol):
         self.handshake_done = False
         self.written_at: float | None = None
         self.timed_out = False
-        self.finished: defer.Deferred[Failure | None] = defer.Deferred()
+        self.finished: defer.Deferred[None] = defer.Deferred()
+        self.reason: Failure | None = None
         self._timer: IDelayedCall | None = None
         self._write_call: IDelayedCall | None = None
         self._buffer = b""
@@ -1006,7 +1027,8 @@ class _ExchangeProtocol(Protocol):
         self._cancel_timer()
         if self._write_call is not None and self._write_call.active():
             self._write_call.cancel()
-        self.finished.callback(reason)
+        self.reason = reason
+        self.finished.callback(None)
 
 
 class SimulatedSA:
@@ -1279,7 +1301,8 @@ class SimulatedSA:
             return SAExchange(
                 None, [], b"", [], b"", clock.seconds() - started, verdict, error, request.data
             )
-        reason = await proto.finished
+        await proto.finished
+        reason = proto.reason
         raw = b"".join(proto.reads)
         error = None
         if proto.timed_out and not proto.handshake_done:

@@ -1,0 +1,170 @@
+"""The product as an operator runs it: the twistd plugin, the embedded default, etc/ examples.
+
+Devices are played by the SA simulator over real TLS; the RS is the demo RS on real SQLite.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest_twisted
+from twisted.internet import reactor
+
+from armsproxy import pki
+from armsproxy.config import Config, load
+from armsproxy.demo_rs import cli as demo_cli
+from armsproxy.tap import build_services
+from armsproxy.tools.sasim import SimulatedSA
+
+ROOT = Path(__file__).parent.parent
+DISTID = "0001-0002-0003-0004-0005-0006-0007-0008"
+KEY = "harness-rs-key"
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    return env
+
+
+TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_twistd_lists_the_plugin_and_its_options():
+    out = subprocess.run([*TWISTD, "--help"], env=_env(), capture_output=True, text=True,
+                         timeout=60)
+    assert "armsproxy" in out.stdout
+    out = subprocess.run([*TWISTD, "armsproxy", "--help"], env=_env(), capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    for option in ("--config", "--data-dir", "--port", "--rs-port"):
+        assert option in out.stdout
+
+
+def test_plugin_module_has_no_package_init():
+    assert (ROOT / "twisted" / "plugins" / "armsproxy_plugin.py").exists()
+    assert not (ROOT / "twisted" / "plugins" / "__init__.py").exists()
+    assert not (ROOT / "twisted" / "__init__.py").exists()
+
+
+def test_bad_config_is_refused_with_a_clear_message(tmp_path):
+    conf = tmp_path / "bad.conf"
+    text = (ROOT / "etc" / "armsproxy.conf").read_text()
+    conf.write_text(text.replace("https://203.0.113.20/arms", "https://proxy.example.net/arms"))
+    out = subprocess.run([*TWISTD, "-n", "--pidfile=", "armsproxy", "--config", str(conf)],
+                         env=_env(), capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0
+    assert "literal IP address" in out.stdout + out.stderr
+
+
+def _register(db: Path, pki_dir: Path) -> None:
+    assert demo_cli.main(["--db", str(db), "register", DISTID, "--key", KEY,
+                          "--module", "1:1.0.0:harness-module"]) == 0
+    assert demo_cli.main(["--db", str(db), "issue-cert", DISTID,
+                          "--ca-cert", str(pki_dir / "ca.pem"),
+                          "--ca-key", str(pki_dir / "ca.key")]) == 0
+
+
+async def _device_sequence(url: str, ca_pem: bytes) -> None:
+    sa = SimulatedSA(reactor, DISTID, KEY, ca_pem=ca_pem, response_timeout=10.0)
+    pull = await sa.config_solicitation(url)
+    assert pull.verdict.outcome == "success", pull.verdict.describe()
+    assert pull.verdict.rs_pull_server_urls == [url]
+    query = await sa.push_method_query(url)
+    assert query.verdict.outcome == "success", query.verdict.describe()
+    assert query.verdict.push_methods == ["https-simple"]
+    confirm = await sa.push_confirmation_start(url)
+    assert confirm.verdict.outcome == "success", confirm.verdict.describe()
+    assert confirm.verdict.transaction_id and confirm.verdict.transaction_id > 0
+    wrong = SimulatedSA(reactor, DISTID, "wrong-key", ca_pem=ca_pem, response_timeout=10.0)
+    refused = await wrong.config_solicitation(url)
+    assert refused.status == 401
+
+
+@pytest_twisted.ensureDeferred
+async def test_embedded_default_serves_a_device(tmp_path):
+    port, rs_port = _free_port(), _free_port()
+    data = tmp_path / "data"
+    proc = subprocess.Popen(
+        [*TWISTD, "-n", "--pidfile=", "armsproxy", "--data-dir", str(data),
+         "--port", str(port), "--rs-port", str(rs_port)],
+        env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        banner = []
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            banner.append(line)
+            if "starting on" in line and str(port) in line:
+                break
+            assert proc.poll() is None, "".join(banner)
+        text = "".join(banner)
+        assert f"https://127.0.0.1:{port}/arms" in text
+        assert "rs-certificate" in text and str(data / "pki" / "ca.pem") in text
+        _register(data / "demo-rs.sqlite", data / "pki")
+        await _device_sequence(f"https://127.0.0.1:{port}/arms",
+                               (data / "pki" / "ca.pem").read_bytes())
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        rest, _ = proc.communicate(timeout=30)
+    # twistd re-raises the signal after an orderly shutdown.
+    assert proc.returncode in (0, -signal.SIGTERM), rest
+    assert "Server Shut Down" in rest
+    assert "Traceback" not in rest
+
+
+def test_etc_example_loads():
+    cfg = load(ROOT / "etc" / "armsproxy.conf")
+    assert cfg.sa_listen.startswith("ssl:443:")
+    assert cfg.public_urls == ["https://203.0.113.20/arms"]
+    assert cfg.tls_minimum_version == "1.2"
+    assert cfg.rs_url.startswith("https://")
+    assert cfg.sa_paths == frozenset({"/arms"})
+    # The TLS 1.0 opt-in is shown, commented.
+    assert re.search(r"^# tls_minimum_version = 1\.0$",
+                     (ROOT / "etc" / "armsproxy.conf").read_text(), re.M)
+
+
+@pytest_twisted.ensureDeferred
+async def test_etc_example_runs_with_real_files(tmp_path):
+    """The production example, with its paths and addresses swapped for this machine."""
+    ca = pki.make_ca("ARMS Root CA test")
+    server = pki.issue_server_cert(ca, ["127.0.0.1"], "armsproxy test")
+    for name, text in (("sa-gate.pem", server.cert_pem), ("sa-gate.key", server.key_pem),
+                       ("sa-gate-chain.pem", ca.cert_pem), ("ca.pem", ca.cert_pem),
+                       ("ca.key", ca.key_pem)):
+        (tmp_path / name).write_text(text)
+    port, rs_port = _free_port(), _free_port()
+    text = (ROOT / "etc" / "armsproxy.conf").read_text()
+    text = text.replace("/etc/armsproxy/", f"{tmp_path}/").replace("ssl:443:", f"ssl:{port}:")
+    text = text.replace("https://203.0.113.20/arms", f"https://127.0.0.1:{port}/arms")
+    text = re.sub(r"^url = .*$", f"url = http://127.0.0.1:{rs_port}/RPC2", text, flags=re.M)
+    text = re.sub(r"^ca = .*$", "", text, flags=re.M)
+    text = text.replace("/var/lib/armsproxy", str(tmp_path / "state"))
+    text += (f"\n[demo_rs]\nenabled = yes\nlisten = tcp:{rs_port}:interface=127.0.0.1\n"
+             f"db = {tmp_path / 'rs.sqlite'}\n")
+    conf = tmp_path / "armsproxy.conf"
+    conf.write_text(text)
+    cfg = load(conf)
+    assert isinstance(cfg, Config)
+    top = build_services(cfg, reactor)
+    top.startService()
+    try:
+        _register(tmp_path / "rs.sqlite", tmp_path)
+        await _device_sequence(f"https://127.0.0.1:{port}/arms", ca.cert_pem.encode())
+    finally:
+        await top.stopService()
