@@ -1,0 +1,584 @@
+"""The push engine: carries RS orders to SAs and their results back (design.md §5).
+
+Durability lives in the store: every state change and its ``arms.event`` commit together, so
+a crash at any point leaves a state this module can resume from. The engine itself keeps only
+what can be rebuilt: which SAs are being sent to right now, and per-SA locks that serialise
+"the start answer was read" against "a done-request arrived" (§7.0.4: the done may overtake
+the start answer).
+
+Rules an operator can rely on:
+
+* per SA, operations leave in submit order and one is being sent at a time; an operation
+  waiting for its done-request (``started``) does not hold the next one back;
+* unreachable SA, refused TLS, or no answer → queued again with exponential backoff, up to
+  ``max_attempts``, then ``failed`` with the reason; SA busy (302/406) → queued again after
+  ``busy_delay`` (bounded by the order's deadline, not by attempts);
+* a request the SA may have executed (it was sent, no answer came) is re-sent only for
+  read-only operations; others fail with the reason rather than run twice;
+* at start-up, operations found ``sending`` are resolved: read-only ones are re-sent; 1-way
+  operations with side effects fail as ``interrupted``; 2-way ones wait ``interrupted_grace``
+  seconds for evidence (a done-request of that type from that SA) before failing.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from twisted.application import service
+from twisted.internet import defer, task
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from ..arms import codes
+from ..arms.codec import MessageError, UnsafeMessageError, parse_message
+from ..arms.messages import ArmsRequest, ArmsResponse, base_type
+from ..store.model import (
+    CANCELLED,
+    EXPIRED,
+    FAILED,
+    FINAL,
+    QUEUED,
+    SENDING,
+    STARTED,
+    SUCCEEDED,
+    NewOperation,
+    Operation,
+)
+from . import operations as ops
+from .client import PushError, PushNoAnswer, PushTimeout
+
+log = Logger()
+
+
+class KeySource(Protocol):
+    async def sa_key(self, distid: str) -> str | None: ...
+
+
+class PushClient(Protocol):
+    async def push(self, url: str, *, distribution_id: str, key: str, body: bytes,
+                   pinned_certificate_pem: str | None) -> Any: ...
+
+
+@dataclass(slots=True)
+class PushSettings:
+    result_url: str  # this armsproxy's SA-gate URL, put in every 2-way start request (§7.0.3)
+    max_attempts: int = 6
+    retry_base: float = 5.0
+    retry_cap: float = 300.0
+    busy_delay: float = 30.0
+    done_timeout: float = 900.0  # 2-way: how long to wait for the done-request
+    default_expires_in: float = 86400.0  # order deadline when the RS gives none
+    max_in_flight: int = 200
+    tick: float = 1.0
+    deadline_scan_every: float = 5.0
+    interrupted_grace: float = 120.0
+    confirmation_window: float = 55.0  # the SA waits 60 s for push-confirmation-done (§7.2)
+    confirmation_retry: float = 3.0
+    endpoint_from_peer: bool = False  # push to the TCP peer address instead (SAs behind NAT)
+
+
+class OrderRejected(ValueError):
+    """An order that is not accepted; nothing was stored."""
+
+
+def _event(kind: str, op: Operation, **payload: Any) -> dict[str, Any]:
+    body = {"state": kind.split(".", 1)[1], "operation": op.operation,
+            "request_id": op.request_id or ""}
+    body.update({k: v for k, v in payload.items() if v is not None})
+    return {"kind": kind, "distribution_id": op.distribution_id,
+            "operation_id": op.operation_id, "payload": body}
+
+
+class PushEngine(service.Service):
+    def __init__(
+        self,
+        *,
+        store: Any,
+        client: PushClient,
+        keys: KeySource,
+        clock: IReactorTime,
+        settings: PushSettings,
+        on_events: Callable[[], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.client = client
+        self.keys = keys
+        self.clock = clock
+        self.settings = settings
+        self.on_events = on_events or (lambda: None)
+        self._sending: set[str] = set()
+        self._in_flight: set[defer.Deferred[None]] = set()
+        self._locks: dict[str, defer.DeferredLock] = {}
+        self._loop: task.LoopingCall | None = None
+        self._pumping = False
+        self._pump_again = False
+        self._last_scan = 0.0
+        self._background: set[defer.Deferred[Any]] = set()
+
+    # -- service ----------------------------------------------------------------------------
+    def startService(self) -> None:
+        super().startService()
+        self._spawn(self._start())
+
+    async def _start(self) -> None:
+        await self.recover()
+        self._loop = task.LoopingCall(self._tick)
+        self._loop.clock = self.clock
+        self._loop.start(self.settings.tick, now=True)
+
+    async def _stop(self) -> None:
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        pending = list(self._in_flight | self._background)
+        if pending:
+            await defer.DeferredList(pending, consumeErrors=True)
+
+    def stopService(self) -> defer.Deferred[None]:
+        super().stopService()
+        return defer.ensureDeferred(self._stop())
+
+    def _spawn(self, coro: Any) -> defer.Deferred[Any]:
+        d = defer.ensureDeferred(coro)
+        self._background.add(d)
+
+        def done(result: Any) -> Any:
+            self._background.discard(d)
+            return result
+
+        d.addBoth(done)
+        d.addErrback(lambda f: log.failure("push engine: background task failed", f))
+        return d
+
+    def _lock(self, distid: str) -> defer.DeferredLock:
+        return self._locks.setdefault(distid, defer.DeferredLock())
+
+    # -- orders -----------------------------------------------------------------------------
+    async def submit(self, order: dict[str, Any]) -> tuple[Operation, bool]:
+        """Validate and store an order; returns only after it is committed."""
+        new = self.validate_order(order)
+        op, created = await self.store.submit(new)
+        if created:
+            log.info("push: accepted {op} {operation} for {distid}", op=op.operation_id,
+                     operation=op.operation, distid=op.distribution_id)
+            self.wake()
+        return op, created
+
+    def validate_order(self, order: Any) -> NewOperation:
+        from ..arms.distid import is_distid
+        from ..arms.urls import url_problems
+
+        if not isinstance(order, dict):
+            raise OrderRejected("order must be a struct")
+        unknown = set(order) - {"distribution_id", "operation", "params", "sa_url",
+                                "request_id", "expires_in", "method"}
+        if unknown:
+            raise OrderRejected(f"unknown order field(s): {', '.join(sorted(unknown))}")
+        distid = order.get("distribution_id")
+        if not isinstance(distid, str) or not is_distid(distid):
+            raise OrderRejected("distribution_id: 8 groups of 4 upper-case hex digits expected")
+        operation = order.get("operation")
+        if not isinstance(operation, str) or operation not in ops.OPERATIONS:
+            raise OrderRejected(
+                f"operation: one of {', '.join(sorted(ops.OPERATIONS))} expected, "
+                f"got {operation!r}"
+            )
+        try:
+            params = ops.validate_order_params(operation, order.get("params", {}))
+        except ops.OrderError as e:
+            raise OrderRejected(str(e)) from None
+        sa_url = order.get("sa_url")
+        if sa_url is not None:
+            if not isinstance(sa_url, str) or url_problems(sa_url):
+                raise OrderRejected(f"sa_url: {'; '.join(url_problems(str(sa_url)))}")
+        request_id = order.get("request_id")
+        if request_id is not None and (not isinstance(request_id, str) or not request_id
+                                       or len(request_id) > 200):
+            raise OrderRejected("request_id: a non-empty string of at most 200 characters")
+        method = order.get("method")
+        if method not in (None, "https-simple", "https-tunnel"):
+            raise OrderRejected("method: https-simple or https-tunnel")
+        expires_in = order.get("expires_in", self.settings.default_expires_in)
+        if isinstance(expires_in, bool) or not isinstance(expires_in, (int, float)) \
+                or expires_in <= 0:
+            raise OrderRejected("expires_in: a positive number of seconds")
+        now = self.clock.seconds()
+        return NewOperation(
+            request_id=request_id, distribution_id=distid, operation=operation, params=params,
+            sa_url=sa_url, method=method, expires_at=now + float(expires_in), created_at=now,
+        )
+
+    async def cancel(self, operation_id: str) -> tuple[bool, str | None]:
+        op = await self.store.transition(
+            operation_id, expect={QUEUED}, state=CANCELLED,
+            events=[], changes={"last_error": "cancelled by the RS"},
+        )
+        if op is not None:
+            await self._emit_for(op, "operation.cancelled")
+            return True, CANCELLED
+        current = await self.store.get(operation_id)
+        return False, None if current is None else current.state
+
+    async def _emit_for(self, op: Operation, kind: str) -> None:
+        await self.store.add_events([_event(kind, op)])
+        self.on_events()
+
+    # -- dispatch loop ----------------------------------------------------------------------
+    def wake(self) -> None:
+        self._spawn(self._pump())
+
+    def _tick(self) -> defer.Deferred[None]:
+        return self._spawn(self._tick_async())
+
+    async def _tick_async(self) -> None:
+        now = self.clock.seconds()
+        if now - self._last_scan >= self.settings.deadline_scan_every:
+            self._last_scan = now
+            await self._scan_deadlines(now)
+        await self._pump()
+
+    async def _pump(self) -> None:
+        if self._pumping:
+            self._pump_again = True
+            return
+        self._pumping = True
+        try:
+            while True:
+                self._pump_again = False
+                room = self.settings.max_in_flight - len(self._in_flight)
+                if room <= 0:
+                    return
+                now = self.clock.seconds()
+                ready = await self.store.next_dispatchable(now, room + len(self._sending))
+                for op in ready:
+                    if op.distribution_id in self._sending:
+                        continue
+                    if op.expires_at is not None and op.expires_at <= now:
+                        await self._finish(op, {QUEUED}, EXPIRED,
+                                           "the order's deadline passed before dispatch")
+                        continue
+                    self._sending.add(op.distribution_id)
+                    d = defer.ensureDeferred(self._dispatch(op))
+                    self._in_flight.add(d)
+                    d.addBoth(self._dispatched, op, d)
+                if not self._pump_again:
+                    return
+        finally:
+            self._pumping = False
+
+    def _dispatched(self, result: Any, op: Operation, d: defer.Deferred[None]) -> None:
+        self._in_flight.discard(d)
+        self._sending.discard(op.distribution_id)
+        if isinstance(result, Failure):
+            log.failure("push: dispatch of {op} crashed", result, op=op.operation_id)
+        self.wake()
+
+    async def _dispatch(self, queued: Operation) -> None:
+        now = self.clock.seconds()
+        op = await self.store.transition(
+            queued.operation_id, expect={QUEUED}, state=SENDING,
+            changes={"attempts": queued.attempts + 1},
+        )
+        if op is None:
+            return  # cancelled or taken meanwhile
+        spec = ops.OPERATIONS[op.operation]
+        record = await self.store.sa_get(op.distribution_id)
+        url = op.sa_url or (record.push_endpoint if record else None)
+        if not url:
+            await self._retry(op, "no push endpoint known for this SA (no https-simple "
+                                  "confirmation yet, and the order has no sa_url)")
+            return
+        key = await self.keys.sa_key(op.distribution_id)
+        if key is None:
+            await self._finish(op, {SENDING}, FAILED, "the RS does not know this device")
+            return
+        try:
+            body = ops.build_request(op.operation, op.distribution_id, op.params,
+                                     result_url=self.settings.result_url if spec.two_way
+                                     else None)
+        except (UnsafeMessageError, ops.OrderError) as e:
+            await self._finish(op, {SENDING}, FAILED, f"cannot build the request: {e}")
+            return
+        try:
+            answer = await self.client.push(
+                url, distribution_id=op.distribution_id, key=key, body=body,
+                pinned_certificate_pem=record.sa_certificate if record else None,
+            )
+        except PushError as e:
+            sent = isinstance(e, (PushNoAnswer, PushTimeout)) and getattr(
+                e, "request_sent", True)
+            if sent and spec.side_effects:
+                await self._finish(op, {SENDING}, FAILED,
+                                   f"{e.reason}; the request was sent, so it may have run: "
+                                   "not re-sent")
+            else:
+                await self._retry(op, e.reason)
+            return
+        raw_start = {"kind": "start", "at": now, "request": body.decode("ascii"),
+                     "answer": answer.xml.decode("ascii", "replace"), "status": answer.status}
+        outcome = ops.decode_start_answer(op.operation, answer.status, answer.xml)
+        if outcome.retryable:
+            await self.store.transition(
+                op.operation_id, expect={SENDING}, state=QUEUED, raw=raw_start,
+                changes={"not_before": self.clock.seconds() + self.settings.busy_delay,
+                         "last_error": outcome.error or f"SA busy ({outcome.result_code})",
+                         "start_result_code": outcome.result_code},
+            )
+            return
+        if not spec.two_way or not outcome.accepted or outcome.transaction_id is None:
+            ok = outcome.accepted and codes.is_success(outcome.result_code)
+            await self._finish(
+                op, {SENDING}, SUCCEEDED if ok else FAILED, outcome.error, raw=raw_start,
+                changes={"start_result_code": outcome.result_code,
+                         "result_code": outcome.result_code, "result": outcome.result},
+            )
+            return
+        async with self._lock(op.distribution_id):
+            started = await self.store.transition(
+                op.operation_id, expect={SENDING}, state=STARTED, raw=raw_start,
+                changes={"sa_transaction_id": outcome.transaction_id,
+                         "start_result_code": outcome.result_code,
+                         "done_deadline": self.clock.seconds() + self.settings.done_timeout},
+                events=[_event("operation.started", op,
+                               sa_transaction_id=outcome.transaction_id)],
+            )
+            self.on_events()
+            if started is None:
+                return
+            for orphan in await self.store.take_orphan_dones(op.distribution_id,
+                                                             outcome.transaction_id):
+                await self._apply_orphan(started, orphan.xml)
+                started = await self.store.get(op.operation_id) or started
+
+    async def _retry(self, op: Operation, reason: str) -> None:
+        if op.attempts >= self.settings.max_attempts:
+            await self._finish(op, {SENDING}, FAILED,
+                               f"gave up after {op.attempts} attempts: {reason}")
+            return
+        delay = min(self.settings.retry_cap,
+                    self.settings.retry_base * 2 ** max(op.attempts - 1, 0))
+        delay *= 0.8 + 0.4 * random.random()  # spread retries of many SAs
+        log.info("push: {op} to {distid} not delivered ({reason}); retry in {d:.0f} s",
+                 op=op.operation_id, distid=op.distribution_id, reason=reason, d=delay)
+        await self.store.transition(
+            op.operation_id, expect={SENDING}, state=QUEUED,
+            changes={"not_before": self.clock.seconds() + delay, "last_error": reason},
+        )
+
+    async def _finish(self, op: Operation, expect: set[str], state: str, error: str | None,
+                      *, raw: dict[str, Any] | None = None,
+                      changes: dict[str, Any] | None = None) -> Operation | None:
+        all_changes = dict(changes or {})
+        if error is not None:
+            all_changes["last_error"] = error
+        done = await self.store.transition(
+            op.operation_id, expect=expect, state=state, changes=all_changes, raw=raw,
+            events=[_event(f"operation.{state}", op, error=error,
+                           result_code=all_changes.get("result_code"),
+                           transaction_result=all_changes.get("transaction_result"))],
+        )
+        if done is not None:
+            self.on_events()
+            (log.info if state == SUCCEEDED else log.warn)(
+                "push: {op} {operation} for {distid} {state}{why}", op=op.operation_id,
+                operation=op.operation, distid=op.distribution_id, state=state,
+                why=f": {error}" if error else "")
+        return done
+
+    # -- deadlines and restart ----------------------------------------------------------------
+    async def _scan_deadlines(self, now: float) -> None:
+        for op in await self.store.in_states({SENDING}):
+            # A dispatch that crashed (e.g. the store failed mid-way) leaves "sending" behind;
+            # resolve it like an interrupted one once it is clearly not in flight any more.
+            if op.distribution_id not in self._sending and now - op.updated_at > 60:
+                await self._resolve_interrupted(op, now)
+        for op in await self.store.in_states({QUEUED, STARTED}):
+            if op.state == QUEUED and op.expires_at is not None and op.expires_at <= now:
+                await self._finish(op, {QUEUED}, EXPIRED,
+                                   "the order's deadline passed before dispatch")
+            elif op.state == STARTED and op.done_deadline is not None \
+                    and op.done_deadline <= now:
+                if op.sa_transaction_id is None:
+                    await self._finish(op, {STARTED}, FAILED,
+                                       "interrupted: armsproxy stopped while sending, and no "
+                                       "done-request showed the operation running")
+                else:
+                    await self._finish(op, {STARTED}, EXPIRED,
+                                       "no done-request from the SA before the deadline")
+
+    async def recover(self) -> None:
+        """Resolve operations a previous process left ``sending`` (design.md §5)."""
+        now = self.clock.seconds()
+        for op in await self.store.in_states({SENDING}):
+            await self._resolve_interrupted(op, now)
+
+    async def _resolve_interrupted(self, op: Operation, now: float) -> None:
+        spec = ops.OPERATIONS[op.operation]
+        if not spec.side_effects:
+            await self.store.transition(
+                op.operation_id, expect={SENDING}, state=QUEUED,
+                changes={"not_before": now, "last_error": "interrupted; re-sent"},
+            )
+            log.info("push: {op} interrupted; re-sending (read-only)", op=op.operation_id)
+        elif spec.two_way:
+            await self.store.transition(
+                op.operation_id, expect={SENDING}, state=STARTED,
+                changes={"done_deadline": now + self.settings.interrupted_grace,
+                         "last_error": "interrupted; waiting for a done-request as "
+                                       "evidence that it ran"},
+            )
+        else:
+            await self._finish(op, {SENDING}, FAILED,
+                               "interrupted: armsproxy stopped while sending; it may or "
+                               "may not have run, so it is not re-sent")
+
+    # -- hooks from the SA gate ---------------------------------------------------------------
+    def config_relayed(self, distid: str, sa_certificate: str | None, peer: str) -> None:
+        fields: dict[str, Any] = {"last_pull_at": self.clock.seconds(), "last_peer": peer}
+        if sa_certificate:
+            fields["sa_certificate"] = sa_certificate
+        self._spawn(self.store.sa_update(distid, **fields))
+
+    def confirmation_started(self, distid: str, method: str, push_endpoint: str | None,
+                             confirmation_id: int, peer: str) -> None:
+        if method != "https-simple" or not push_endpoint:
+            self._spawn(self.store.sa_update(distid, push_method=method, last_peer=peer))
+            return
+        url = push_endpoint
+        if self.settings.endpoint_from_peer:
+            from urllib.parse import urlsplit
+
+            host = peer.rsplit(":", 1)[0]
+            port = urlsplit(push_endpoint).port or 10443
+            url = f"https://{f'[{host}]' if ':' in host else host}:{port}/"
+        self._spawn(self._confirm(distid, url, confirmation_id, peer))
+
+    async def _confirm(self, distid: str, url: str, confirmation_id: int, peer: str) -> None:
+        """Send push-confirmation-done within the SA's 60 s window (§7.2), retrying."""
+        started = self.clock.seconds()
+        await self.store.sa_update(distid, push_method="https-simple", push_endpoint=url,
+                                   last_peer=peer, confirmed=False)
+        body = ops.build_confirmation_done(distid, confirmation_id)
+        last = "not tried"
+        while self.clock.seconds() - started < self.settings.confirmation_window:
+            key = await self.keys.sa_key(distid)
+            record = await self.store.sa_get(distid)
+            if key is None:
+                last = "the RS does not know this device"
+                break
+            try:
+                answer = await self.client.push(
+                    url, distribution_id=distid, key=key, body=body,
+                    pinned_certificate_pem=record.sa_certificate if record else None)
+                message = parse_message(answer.xml) if answer.xml else None
+            except (PushError, MessageError) as e:
+                last = getattr(e, "reason", str(e))
+            else:
+                if isinstance(message, ArmsResponse) and codes.is_success(message.result_code):
+                    now = self.clock.seconds()
+                    await self.store.sa_update(distid, confirmed=True,
+                                               last_confirmation_at=now)
+                    await self.store.add_events([{
+                        "kind": "sa.confirmed", "distribution_id": distid,
+                        "operation_id": None,
+                        "payload": {"method": "https-simple", "push_endpoint": url}}])
+                    self.on_events()
+                    log.info("push: {distid} confirmed https-simple at {url}", distid=distid,
+                             url=url)
+                    self.wake()
+                    return
+                last = (f"SA answered {message.result_code}"
+                        if isinstance(message, ArmsResponse)
+                        else f"unusable answer (HTTP {answer.status})")
+            await task.deferLater(self.clock, self.settings.confirmation_retry, lambda: None)
+        log.warn("push: push-confirmation-done to {distid} at {url} failed: {why}",
+                 distid=distid, url=url, why=last)
+        await self.store.add_events([{
+            "kind": "sa.confirmation_failed", "distribution_id": distid, "operation_id": None,
+            "payload": {"method": "https-simple", "push_endpoint": url, "error": last}}])
+        self.on_events()
+
+    async def done_request(self, request: ArmsRequest, raw: bytes, peer: str) -> int:
+        """Commit a ``*-done`` request, then let the gate answer 100 (design.md §5).
+
+        Raises if it cannot be committed: the gate then does not answer, and the SA keeps
+        the transaction (a configure-done is re-sent; an error code would roll it back).
+        """
+        distid = request.distribution_id or ""
+        tid = request.transaction_id
+        xml = raw.decode("ascii", "replace")
+        if tid is None:
+            log.error("push: {type} from {distid} without transaction-id; stored as orphan",
+                      type=request.type, distid=distid)
+            await self.store.add_orphan_done(distid, -1, request.type, xml,
+                                             self.clock.seconds())
+            return codes.SUCCESS
+        async with self._lock(distid):
+            op = await self.store.find_by_sa_transaction(distid, tid)
+            if op is None:
+                op = await self._adoptable(distid, base_type(request.type))
+            if op is None:
+                await self.store.add_orphan_done(distid, tid, request.type, xml,
+                                                 self.clock.seconds())
+                log.info("push: {type} {tid} from {distid} before its start answer (or for "
+                         "an operation not started here); kept for reconciliation",
+                         type=request.type, tid=tid, distid=distid)
+                return codes.SUCCESS
+            await self._apply_done(op, request, xml)
+            return codes.SUCCESS
+
+    async def _adoptable(self, distid: str, base: str) -> Operation | None:
+        for op in await self.store.list_operations(distribution_id=distid, states=[STARTED]):
+            if op.sa_transaction_id is None and op.operation == base:
+                return op
+        return None
+
+    async def _apply_orphan(self, op: Operation, xml: str) -> None:
+        try:
+            message = parse_message(xml.encode("ascii", "replace"))
+        except MessageError as e:
+            log.error("push: stored done for {op} unreadable: {e}", op=op.operation_id, e=e)
+            return
+        if isinstance(message, ArmsRequest):
+            await self._apply_done(op, message, xml)
+
+    async def _apply_done(self, op: Operation, message: ArmsRequest, xml: str) -> None:
+        now = self.clock.seconds()
+        raw = {"kind": "done", "at": now, "request": xml}
+        try:
+            outcome = ops.decode_done(op.operation, message)
+        except ops.DoneError as e:
+            await self._finish(op, {STARTED, EXPIRED}, FAILED, f"unreadable done: {e}",
+                               raw=raw)
+            return
+        result = dict(outcome.result)
+        dones = list((op.result or {}).get("dones", []))
+        dones.append({"transaction_result": outcome.transaction_result, "at": now})
+        result["dones"] = dones
+        if op.state in (STARTED, EXPIRED):
+            ok = ops.done_succeeded(op.operation, outcome.transaction_result)
+            await self._finish(
+                op, {STARTED, EXPIRED}, SUCCEEDED if ok else FAILED,
+                None if ok else f"transaction-result {outcome.transaction_result} "
+                                f"({codes.label(outcome.transaction_result)})",
+                raw=raw,
+                changes={"transaction_result": outcome.transaction_result,
+                         "result_code": outcome.transaction_result, "result": result,
+                         "sa_transaction_id": message.transaction_id},
+            )
+        elif op.state in FINAL:
+            # A second done for a finished transaction (e.g. configure rolled back: 414).
+            ok = ops.done_succeeded(op.operation, outcome.transaction_result)
+            state = op.state if ok or op.state == FAILED else FAILED
+            await self.store.transition(
+                op.operation_id, expect={op.state}, state=state, raw=raw,
+                changes={"transaction_result": outcome.transaction_result,
+                         "result": result},
+                events=[] if state == op.state else [_event(
+                    "operation.failed", op, transaction_result=outcome.transaction_result,
+                    error="a later done-request reported a failure")],
+            )
+            self.on_events()

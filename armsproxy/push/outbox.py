@@ -1,0 +1,112 @@
+"""Delivers the event outbox to the RS (``arms.event``), at least once, in commit order.
+
+Events are committed with the state change they describe (the store's ``transition``), so
+delivery can lag, repeat after a crash, or wait out an RS outage without losing anything.
+One event at a time, in sequence order: that keeps events of an operation in order. An RS
+that refuses an event (fault) or is down is retried with capped backoff; the queue waits.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from twisted.application import service
+from twisted.internet import defer
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+
+from ..rs_client import RSError
+from ..store.model import Event
+from .operations import to_xmlrpc
+
+log = Logger()
+
+
+class EventSink(Protocol):
+    async def event(self, event: dict[str, Any]) -> None: ...
+
+
+def event_struct(event: Event) -> dict[str, Any]:
+    struct: dict[str, Any] = {
+        "seq": event.seq, "kind": event.kind, "distribution_id": event.distribution_id,
+        "at": event.created_at,
+    }
+    if event.operation_id:
+        struct["operation_id"] = event.operation_id
+    for key, value in event.payload.items():
+        struct.setdefault(key, value)
+    return to_xmlrpc(struct)
+
+
+class EventOutbox(service.Service):
+    def __init__(self, store: Any, rs: EventSink, clock: IReactorTime, *,
+                 poll: float = 5.0, retry_base: float = 1.0, retry_cap: float = 60.0,
+                 batch: int = 100) -> None:
+        self.store = store
+        self.rs = rs
+        self.clock = clock
+        self.poll = poll
+        self.retry_base = retry_base
+        self.retry_cap = retry_cap
+        self.batch = batch
+        self.delivered = 0
+        self.failures = 0
+        self._timer: IDelayedCall | None = None
+        self._running_pass: defer.Deferred[None] | None = None
+        self._kicked = False
+
+    def startService(self) -> None:
+        super().startService()
+        self.kick()
+
+    def stopService(self) -> defer.Deferred[None] | None:
+        super().stopService()
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        return self._running_pass
+
+    def kick(self) -> None:
+        """New events were committed: deliver soon."""
+        if not self.running:
+            return
+        if self._running_pass is not None:
+            self._kicked = True
+            return
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        d = defer.ensureDeferred(self._deliver())
+        self._running_pass = d
+        d.addErrback(lambda f: log.failure("event outbox: delivery pass failed", f))
+        d.addBoth(self._pass_done)
+
+    def _pass_done(self, delay: float | None) -> None:
+        self._running_pass = None
+        if not self.running:
+            return
+        if self._kicked and delay is None:
+            self._kicked = False
+            self.kick()
+            return
+        self._kicked = False
+        self._timer = self.clock.callLater(self.poll if delay is None else delay, self.kick)
+
+    async def _deliver(self) -> float | None:
+        """Deliver what is pending; return a retry delay after a failure, else None."""
+        while self.running:
+            events = await self.store.pending_events(self.batch)
+            if not events:
+                return None
+            for event in events:
+                try:
+                    await self.rs.event(event_struct(event))
+                except RSError as e:
+                    self.failures += 1
+                    await self.store.note_event_attempt(event.seq)
+                    delay = min(self.retry_cap, self.retry_base * 2 ** min(event.attempts, 10))
+                    log.warn("event outbox: {kind} #{seq} not delivered ({e!r}); retry in "
+                             "{d:.0f} s", kind=event.kind, seq=event.seq, e=e, d=delay)
+                    return delay
+                await self.store.mark_delivered([event.seq])
+                self.delivered += 1
+        return None
