@@ -1,0 +1,359 @@
+"""The push engine's life cycle (design.md §5) on a real SQLite store.
+
+The SA side is scripted here with answers taken from the real device captures, so that time
+(backoff, deadlines) runs on a ``task.Clock``; the end-to-end tests drive a simulated device
+over real TLS instead.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, task
+
+from armsproxy.arms import framing
+from armsproxy.arms.codec import parse_message
+from armsproxy.push.client import PushAnswer, PushNoAnswer, PushUnreachable
+from armsproxy.push.engine import OrderRejected, PushEngine, PushSettings
+from armsproxy.store.sqlite import SQLiteStore
+
+VECTORS = Path(__file__).parent / "vectors" / "simple"
+DISTID = "0001-0002-0003-0004-0005-0006-0007-0008"
+OTHER = "0001-0002-0003-0004-0005-0006-0007-0009"
+RESULT_URL = "https://127.0.0.1:8443/arms"
+
+
+def answer_from(name: str) -> PushAnswer:
+    response = framing.parse_sa_push_response((VECTORS / name).read_bytes())
+    return PushAnswer(status=response.status, response=response, xml=response.xml,
+                      elapsed=0.01, peer_certificate_sha256="")
+
+
+def done_from(name: str) -> tuple[object, bytes]:
+    xml = framing.extract_arms_xml(framing.parse_http_message((VECTORS / name).read_bytes()).body)
+    return parse_message(xml), xml
+
+
+class ScriptedSA:
+    """Answers pushes from a script: PushAnswer objects or exceptions, in order."""
+
+    def __init__(self) -> None:
+        self.script: list[object] = []
+        self.calls: list[dict] = []
+        self.gate: defer.Deferred | None = None
+
+    async def push(self, url, *, distribution_id, key, body, pinned_certificate_pem):
+        self.calls.append({"url": url, "distid": distribution_id, "key": key, "body": body,
+                           "pin": pinned_certificate_pem})
+        if self.gate is not None:
+            await self.gate
+        item = self.script.pop(0)
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+
+class Keys:
+    async def sa_key(self, distid):
+        return None if distid == "0001-0000-0000-0000-0000-0000-0000-0000" else "harness-rs-key"
+
+
+@pytest.fixture
+def clock():
+    return task.Clock()
+
+
+@pytest_twisted.async_yield_fixture
+async def store(tmp_path, clock):
+    s = SQLiteStore(tmp_path / "armsproxy.sqlite", clock=clock)
+    await s.open()
+    yield s
+    await s.close()
+
+
+@pytest.fixture
+def sa():
+    return ScriptedSA()
+
+
+def make_engine(store, sa, clock, **overrides):
+    settings = PushSettings(result_url=RESULT_URL, **overrides)
+    return PushEngine(store=store, client=sa, keys=Keys(), clock=clock, settings=settings)
+
+
+async def until(condition, timeout: float = 5.0) -> None:
+    """Wait (on the real reactor: the store works in its own thread) for a condition."""
+    from twisted.internet import reactor
+
+    for _ in range(int(timeout / 0.01)):
+        if condition():
+            return
+        await task.deferLater(reactor, 0.01, lambda: None)
+    raise AssertionError("condition not reached")
+
+
+async def settle(engine, clock, seconds: float = 0.0, steps: int = 1) -> None:
+    """Let the engine run: advance the fake clock, then wait for its work to finish."""
+    for _ in range(steps):
+        if seconds:
+            clock.advance(seconds)
+        await engine._pump()
+        while engine._in_flight or engine._background:
+            await defer.DeferredList(list(engine._in_flight | engine._background),
+                                     consumeErrors=True)
+
+
+async def registered(store, distid=DISTID, endpoint="https://127.0.0.1:18450/"):
+    await store.sa_update(distid, push_method="https-simple", push_endpoint=endpoint,
+                          confirmed=True, sa_certificate="PEM")
+
+
+@pytest_twisted.ensureDeferred
+async def test_one_way_operation_succeeds_with_decoded_result(store, sa, clock):
+    await registered(store)
+    engine = make_engine(store, sa, clock)
+    sa.script.append(answer_from("18-read-module-list.response.txt"))
+    op, created = await engine.submit({"distribution_id": DISTID, "operation": "read-module-list"})
+    assert created
+    await settle(engine, clock)
+    done = await store.get(op.operation_id)
+    assert done.state == "succeeded"
+    assert done.result["modules"][0]["location"] == "harness-module"
+    assert sa.calls[0]["url"] == "https://127.0.0.1:18450/" and sa.calls[0]["pin"] == "PEM"
+    assert b"<result-url>" not in sa.calls[0]["body"]
+    kinds = [e.kind for e in await store.pending_events(10)]
+    assert kinds == ["operation.succeeded"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_way_started_then_done_commits_result(store, sa, clock):
+    await registered(store)
+    engine = make_engine(store, sa, clock)
+    start = answer_from("13-ping-start.response.txt")
+    sa.script.append(start)
+    op, _ = await engine.submit({"distribution_id": DISTID, "operation": "ping",
+                                 "params": {"address": "192.0.2.1", "count": 3}})
+    await settle(engine, clock)
+    started = await store.get(op.operation_id)
+    assert started.state == "started" and started.sa_transaction_id == 1511953657
+    assert f"<result-url>{RESULT_URL}</result-url>".encode() in sa.calls[0]["body"]
+    message, xml = done_from("14-ping-done.request.txt")
+    assert await engine.done_request(message, xml, "127.0.0.1:1") == 100
+    finished = await store.get(op.operation_id)
+    assert finished.state == "succeeded"
+    assert finished.result["success"] == 3 and finished.result["failure"] == 0
+    assert [e.kind for e in await store.pending_events(10)] == [
+        "operation.started", "operation.succeeded"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_done_before_the_start_answer_is_reconciled(store, sa, clock):
+    await registered(store)
+    engine = make_engine(store, sa, clock)
+    sa.gate = defer.Deferred()  # the start answer is still "on the wire"
+    sa.script.append(answer_from("15-traceroute-start.response.txt"))
+    op, _ = await engine.submit({"distribution_id": DISTID, "operation": "traceroute",
+                                 "params": {"address": "192.0.2.1", "count": 1, "max_hop": 3}})
+    pumping = defer.ensureDeferred(settle(engine, clock))
+    message, xml = done_from("16-traceroute-done.request.txt")
+    assert await engine.done_request(message, xml, "127.0.0.1:1") == 100  # committed first
+    assert (await store.get(op.operation_id)).state == "sending"
+    sa.gate.callback(None)
+    await pumping
+    finished = await store.get(op.operation_id)
+    assert finished.state == "succeeded"
+    assert [h["hop"] for h in finished.result["hops"]] == [1, 2, 3]
+
+
+@pytest_twisted.ensureDeferred
+async def test_per_sa_fifo_and_one_in_flight(store, sa, clock):
+    await registered(store)
+    await registered(store, OTHER, "https://127.0.0.1:18451/")
+    engine = make_engine(store, sa, clock)
+    sa.gate = defer.Deferred()
+    first, _ = await engine.submit({"distribution_id": DISTID, "operation": "dump-debug"})
+    second, _ = await engine.submit({"distribution_id": DISTID, "operation": "reboot"})
+    other, _ = await engine.submit({"distribution_id": OTHER, "operation": "dump-debug"})
+    sa.script += [answer_from("19-dump-debug.response.txt"),
+                  answer_from("19-dump-debug.response.txt"),
+                  answer_from("27-reboot.response.txt")]
+    await engine._pump()
+    await until(lambda: len(sa.calls) == 2)
+    # One per SA is being sent; the second order of DISTID waits behind the first.
+    assert sorted(c["distid"] for c in sa.calls) == [DISTID, OTHER]
+    assert (await store.get(second.operation_id)).state == "queued"
+    sa.gate.callback(None)
+    sa.gate = None
+    await settle(engine, clock)
+    assert [c["distid"] for c in sa.calls] == [DISTID, OTHER, DISTID]
+    assert b'type="reboot"' in sa.calls[2]["body"]
+    for op in (first, second, other):
+        assert (await store.get(op.operation_id)).state == "succeeded"
+
+
+@pytest_twisted.ensureDeferred
+async def test_unreachable_sa_is_retried_with_backoff_then_fails(store, sa, clock):
+    await registered(store)
+    engine = make_engine(store, sa, clock, max_attempts=3, retry_base=10, retry_cap=100)
+    sa.script += [PushUnreachable("connection refused")] * 3
+    op, _ = await engine.submit({"distribution_id": DISTID, "operation": "check-transaction"})
+    await settle(engine, clock)
+    queued = await store.get(op.operation_id)
+    assert queued.state == "queued" and queued.attempts == 1
+    assert 8 <= queued.not_before - clock.seconds() <= 12
+    await settle(engine, clock, seconds=5)
+    assert len(sa.calls) == 1  # not before the backoff
+    await settle(engine, clock, seconds=8)
+    assert len(sa.calls) == 2
+    await settle(engine, clock, seconds=30)
+    failed = await store.get(op.operation_id)
+    assert failed.state == "failed" and "gave up after 3 attempts" in failed.last_error
+    assert "connection refused" in failed.last_error
+
+
+@pytest_twisted.ensureDeferred
+async def test_sa_busy_goes_back_to_the_queue(store, sa, clock):
+    await registered(store)
+    engine = make_engine(store, sa, clock, busy_delay=30)
+    busy = answer_from("17-md-command.response.txt")
+    busy_xml = busy.xml.replace(b"<result-code>100<", b"<result-code>302<")
+    busy = PushAnswer(status=200, response=busy.response, xml=busy_xml, elapsed=0.0,
+                      peer_certificate_sha256="")
+    sa.script += [busy, answer_from("17-md-command.response.txt")]
+    op, _ = await engine.submit({"distribution_id": DISTID, "operation": "md-command",
+                                 "params": {"module_id": 1, "command": "show version"}})
+    await settle(engine, clock)
+    assert (await store.get(op.operation_id)).state == "queued"
+    await settle(engine, clock, seconds=31)
+    done = await store.get(op.operation_id)
+    assert done.state == "succeeded" and len(sa.calls) == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_side_effects_are_not_resent_when_they_may_have_run(store, sa, clock):
+    await registered(store)
+    engine = make_engine(store, sa, clock)
+    sa.script.append(PushNoAnswer("closed after the request"))
+    op, _ = await engine.submit({"distribution_id": DISTID, "operation": "reboot"})
+    await settle(engine, clock)
+    failed = await store.get(op.operation_id)
+    assert failed.state == "failed" and "may have run" in failed.last_error
+    assert len(sa.calls) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_deadlines_expire_queued_and_started(store, sa, clock):
+    engine = make_engine(store, sa, clock, done_timeout=100, deadline_scan_every=1)
+    # No endpoint known: stays queued until its deadline.
+    op, _ = await engine.submit({"distribution_id": DISTID, "operation": "dump-debug",
+                                 "expires_in": 50})
+    await settle(engine, clock)
+    await registered(store, OTHER)
+    sa.script.append(answer_from("11-read-status-start.response.txt"))
+    started, _ = await engine.submit({"distribution_id": OTHER, "operation": "read-status",
+                                      "params": {"status_requests": [{"id": 1,
+                                                                      "param": "cpu"}]}})
+    await settle(engine, clock)
+    assert (await store.get(started.operation_id)).state == "started"
+    await engine._scan_deadlines(clock.seconds() + 60)
+    assert (await store.get(op.operation_id)).state == "expired"
+    await engine._scan_deadlines(clock.seconds() + 101)
+    late = await store.get(started.operation_id)
+    assert late.state == "expired" and "no done-request" in late.last_error
+
+
+@pytest_twisted.ensureDeferred
+async def test_cancel_only_before_dispatch(store, sa, clock):
+    engine = make_engine(store, sa, clock)
+    op, _ = await engine.submit({"distribution_id": DISTID, "operation": "reboot"})
+    assert await engine.cancel(op.operation_id) == (True, "cancelled")
+    assert await engine.cancel(op.operation_id) == (False, "cancelled")
+    assert [e.kind for e in await store.pending_events(10)] == ["operation.cancelled"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_idempotent_submit_and_bad_orders_store_nothing(store, sa, clock):
+    engine = make_engine(store, sa, clock)
+    order = {"distribution_id": DISTID, "operation": "reboot", "request_id": "rs-1"}
+    a, created_a = await engine.submit(order)
+    b, created_b = await engine.submit(order)
+    assert a.operation_id == b.operation_id and created_a and not created_b
+    for bad, field in [
+        ({"distribution_id": "0001-0000-1a2b-0105-0000-0000-00c0-ffee", "operation": "reboot"},
+         "distribution_id"),
+        ({"distribution_id": DISTID, "operation": "explode"}, "operation"),
+        ({"distribution_id": DISTID, "operation": "ping", "params": {}}, "address"),
+        ({"distribution_id": DISTID, "operation": "configure",
+          "params": {"modules": [], "md_configs": []}}, "modules"),
+        ({"distribution_id": DISTID, "operation": "reboot", "colour": "red"}, "colour"),
+        ({"distribution_id": DISTID, "operation": "reboot", "sa_url": "https://x.example/"},
+         "sa_url"),
+    ]:
+        with pytest.raises(OrderRejected) as err:
+            await engine.submit(bad)
+        assert field in str(err.value)
+    assert len(await store.list_operations()) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_restart_resolves_interrupted_operations(store, sa, clock):
+    await registered(store)
+    await registered(store, OTHER)
+    engine = make_engine(store, sa, clock, interrupted_grace=60)
+
+    async def submit(order):  # stored only: no engine runs while "the process is dead"
+        return await store.submit(engine.validate_order(order))
+
+    read, _ = await submit({"distribution_id": DISTID, "operation": "read-module-list"})
+    boot, _ = await submit({"distribution_id": OTHER, "operation": "reboot"})
+    conf, _ = await submit({
+        "distribution_id": "0001-0002-0003-0004-0005-0006-0007-000A", "operation": "configure",
+        "params": {"modules": [{"id": 1, "version": "1.0.1", "location": "harness-module"}],
+                   "md_configs": [{"id": 1, "data": "hostname x\n"}]}})
+    for op in (read, boot, conf):  # what a killed process leaves behind
+        await store.transition(op.operation_id, expect={"queued"}, state="sending")
+    fresh = make_engine(store, sa, clock, interrupted_grace=60)
+    await fresh.recover()
+    assert (await store.get(read.operation_id)).state == "queued"  # read-only: re-sent
+    failed = await store.get(boot.operation_id)
+    assert failed.state == "failed" and "interrupted" in failed.last_error
+    waiting = await store.get(conf.operation_id)
+    assert waiting.state == "started" and waiting.sa_transaction_id is None
+    # Evidence: the configure-done of that SA shows it ran.
+    message, xml = done_from("23-configure-done.request.txt")
+    message.distribution_id = "0001-0002-0003-0004-0005-0006-0007-000A"
+    assert await fresh.done_request(message, xml, "127.0.0.1:1") == 100
+    assert (await store.get(conf.operation_id)).state == "succeeded"
+
+
+@pytest_twisted.ensureDeferred
+async def test_configure_rollback_records_both_dones(store, sa, clock):
+    await registered(store)
+    engine = make_engine(store, sa, clock)
+    sa.script.append(answer_from("22-configure-start.response.txt"))
+    op, _ = await engine.submit({
+        "distribution_id": DISTID, "operation": "configure",
+        "params": {"modules": [{"id": 1, "version": "1.0.1", "location": "harness-module"}],
+                   "md_configs": [{"id": 1, "data": "hostname harness-sa-pushed\n"}]}})
+    await settle(engine, clock)
+    message, xml = done_from("23-configure-done.request.txt")
+    message.transaction_result = 100
+    await engine.done_request(message, xml, "p")
+    message.transaction_result = 414
+    await engine.done_request(message, xml, "p")
+    final = await store.get(op.operation_id)
+    assert final.state == "failed"
+    assert [d["transaction_result"] for d in final.result["dones"]] == [100, 414]
+
+
+@pytest_twisted.ensureDeferred
+async def test_unknown_device_fails_without_contacting_it(store, sa, clock):
+    distid = "0001-0000-0000-0000-0000-0000-0000-0000"
+    await registered(store, distid)
+    engine = make_engine(store, sa, clock)
+    op, _ = await engine.submit({"distribution_id": distid, "operation": "reboot"})
+    await settle(engine, clock)
+    assert (await store.get(op.operation_id)).state == "failed"
+    assert sa.calls == []
