@@ -43,11 +43,36 @@ class Config:
     push_methods: list[str] = field(default_factory=lambda: ["https-simple"])
     tunnel_urls: list[str] = field(default_factory=list)
     echo_interval: int = 60
+    # push engine (https-simple pushes to SAs)
+    sa_ca: Path | None = None  # CA that issues SA certificates (verifies SAs' listeners)
+    push_client_certificate: Path | None = None  # cert+key PEM presented to SAs, or none
+    result_url: str | None = None  # default: the first public URL
+    max_attempts: int = 6
+    retry_base: float = 5.0
+    retry_cap: float = 300.0
+    busy_delay: float = 30.0
+    done_timeout: float = 900.0
+    default_expires_in: float = 86400.0
+    endpoint_from_peer: bool = False
+    # store
+    store_path: Path | None = None  # default: data_dir/armsproxy.sqlite
+    results_ttl: float = 7 * 86400.0
+    # RS gate (XML-RPC for the RS)
+    rs_gate_listen: str = "tcp:8780:interface=127.0.0.1"
+    rs_gate_client_ca: Path | None = None  # required client certificates for ssl:
     # embedded demo RS (the default when no configuration file is given)
     demo_rs: bool = False
     demo_rs_listen: str = "tcp:8790:interface=127.0.0.1"
     demo_rs_db: Path | None = None
     source: str = "embedded default"
+
+    @property
+    def effective_result_url(self) -> str:
+        return self.result_url or self.public_urls[0]
+
+    @property
+    def effective_store_path(self) -> Path:
+        return self.store_path or self.data_dir / "armsproxy.sqlite"
 
     @property
     def sa_paths(self) -> frozenset[str]:
@@ -94,6 +119,19 @@ def validate(cfg: Config) -> Config:
         problems.append("[sa_gate] relay_budget: must stay well under the SA's 30 s limit")
     if not 1 <= cfg.echo_interval <= 3600:
         problems.append("[push] echo_interval: 1..3600 seconds")
+    if cfg.result_url is not None:
+        problems.extend(f"[push] result_url: {p}" for p in url_problems(cfg.result_url))
+        if cfg.result_url not in cfg.public_urls:
+            problems.append("[push] result_url: must be one of [sa_gate] public_urls (the "
+                            "gate only serves those paths)")
+    if cfg.sa_ca is None:
+        problems.append("[push] sa_ca: required: the CA that issues SA certificates (armsproxy "
+                        "verifies every SA it pushes to against it)")
+    if cfg.max_attempts < 1:
+        problems.append("[push] max_attempts: at least 1")
+    if cfg.rs_gate_listen.startswith("ssl:") and cfg.rs_gate_client_ca is None:
+        problems.append("[rs_gate] listen: an ssl: RS gate needs client_ca (the RS must "
+                        "present a client certificate)")
     if cfg.max_body < 4096:
         problems.append("[sa_gate] max_body: at least 4096 bytes")
     if problems:
@@ -132,6 +170,23 @@ def load(path: Path) -> Config:
             push_methods=_list(get("push", "methods", fallback="https-simple")),
             tunnel_urls=_list(get("push", "tunnel_urls", fallback="")),
             echo_interval=parser.getint("push", "echo_interval", fallback=60),
+            sa_ca=_path(get("push", "sa_ca", fallback=None), base),
+            push_client_certificate=_path(get("push", "client_certificate", fallback=None),
+                                          base),
+            result_url=get("push", "result_url", fallback=None),
+            max_attempts=parser.getint("push", "max_attempts", fallback=6),
+            retry_base=parser.getfloat("push", "retry_base", fallback=5.0),
+            retry_cap=parser.getfloat("push", "retry_cap", fallback=300.0),
+            busy_delay=parser.getfloat("push", "busy_delay", fallback=30.0),
+            done_timeout=parser.getfloat("push", "done_timeout", fallback=900.0),
+            default_expires_in=parser.getfloat("push", "default_expires_in",
+                                               fallback=86400.0),
+            endpoint_from_peer=parser.getboolean("push", "endpoint_from_peer",
+                                                 fallback=False),
+            store_path=_path(get("store", "path", fallback=None), base),
+            results_ttl=parser.getfloat("store", "results_ttl", fallback=7 * 86400.0),
+            rs_gate_listen=get("rs_gate", "listen", fallback="tcp:8780:interface=127.0.0.1"),
+            rs_gate_client_ca=_path(get("rs_gate", "client_ca", fallback=None), base),
             demo_rs=parser.getboolean("demo_rs", "enabled", fallback=False),
             demo_rs_listen=get("demo_rs", "listen", fallback="tcp:8790:interface=127.0.0.1"),
             demo_rs_db=_path(get("demo_rs", "db", fallback=None), base),
@@ -143,7 +198,7 @@ def load(path: Path) -> Config:
 
 
 def embedded(data_dir: Path, *, port: int = 8443, rs_port: int = 8790,
-             host: str = "127.0.0.1") -> Config:
+             rs_gate_port: int = 8780, host: str = "127.0.0.1") -> Config:
     """Proxy + demo RS on loopback with a generated dev PKI under ``data_dir``."""
     pki = data_dir / "pki"
     return validate(Config(
@@ -155,4 +210,6 @@ def embedded(data_dir: Path, *, port: int = 8443, rs_port: int = 8790,
         demo_rs=True,
         demo_rs_listen=f"tcp:{rs_port}:interface=127.0.0.1",
         demo_rs_db=data_dir / "demo-rs.sqlite",
+        sa_ca=pki / "ca.pem",  # the dev CA issues both the gate's and the SAs' certificates
+        rs_gate_listen=f"tcp:{rs_gate_port}:interface=127.0.0.1",
     ))

@@ -235,7 +235,9 @@ async def test_sa_busy_goes_back_to_the_queue(store, sa, clock):
 async def test_side_effects_are_not_resent_when_they_may_have_run(store, sa, clock):
     await registered(store)
     engine = make_engine(store, sa, clock)
-    sa.script.append(PushNoAnswer("closed after the request"))
+    sent = PushNoAnswer("closed after the request")
+    sent.request_sent = True
+    sa.script.append(sent)
     op, _ = await engine.submit({"distribution_id": DISTID, "operation": "reboot"})
     await settle(engine, clock)
     failed = await store.get(op.operation_id)

@@ -861,3 +861,15 @@ async def test_keycache_with_real_rsclient(h):
     assert await cache.check(UNKNOWN, "s3cret-key") is False
     assert await cache.check(DISTID, "s3cret-key") is True
     assert [c[0] for c in h.rs.calls] == ["arms.sa_key", "arms.sa_key"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_sa_key_for_pushes_shares_the_cache():
+    src, clock, cache = make_cache(ttl=300.0)
+    assert await cache.sa_key(DISTID) == "k1"
+    assert await cache.check(DISTID, "k1") is True
+    assert src.calls == [DISTID]
+    clock.advance(301)
+    src.keys[DISTID] = "k2"
+    assert await cache.sa_key(DISTID) == "k2"
+    assert await cache.sa_key("0001-0002-0003-0004-0005-0006-0007-0009") is None

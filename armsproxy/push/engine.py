@@ -49,7 +49,7 @@ from ..store.model import (
     Operation,
 )
 from . import operations as ops
-from .client import PushError, PushNoAnswer, PushTimeout
+from .client import PushError
 
 log = Logger()
 
@@ -308,9 +308,7 @@ class PushEngine(service.Service):
                 pinned_certificate_pem=record.sa_certificate if record else None,
             )
         except PushError as e:
-            sent = isinstance(e, (PushNoAnswer, PushTimeout)) and getattr(
-                e, "request_sent", True)
-            if sent and spec.side_effects:
+            if e.request_sent and spec.side_effects:
                 await self._finish(op, {SENDING}, FAILED,
                                    f"{e.reason}; the request was sent, so it may have run: "
                                    "not re-sent")

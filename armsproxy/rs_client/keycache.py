@@ -91,6 +91,13 @@ class KeyCache:
         entry = await self._fetch(distid)
         return _matches(entry.key, presented_key)
 
+    async def sa_key(self, distid: str) -> str | None:
+        """The SA's key (cached), for pushes: armsproxy authenticates to the SA with it."""
+        entry = self._entries.get(distid)
+        if entry is None or entry.expires <= self._clock.seconds():
+            entry = await self._fetch(distid)
+        return entry.key
+
     def invalidate(self, distid: str) -> None:
         """Forget ``distid``; a lookup already under way will not store its answer."""
         self._entries.pop(distid, None)
