@@ -1,0 +1,188 @@
+"""What the store keeps: operations, the SA registry, outbox events and orphan done-requests.
+
+Plain dataclasses, free of any backend, so the engine and the RS gate never see SQL. JSON is
+the storage format of every free-form field (params, results, payloads); bytes survive the trip
+as ``{"__b64__": "..."}`` because ARMS md-configs and dumps are binary and JSON is not.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import xmlrpc.client
+from dataclasses import dataclass, field
+from typing import Any
+
+QUEUED = "queued"
+SENDING = "sending"
+STARTED = "started"
+SUCCEEDED = "succeeded"
+FAILED = "failed"
+EXPIRED = "expired"
+CANCELLED = "cancelled"
+
+STATES: frozenset[str] = frozenset(
+    {QUEUED, SENDING, STARTED, SUCCEEDED, FAILED, EXPIRED, CANCELLED}
+)
+FINAL: frozenset[str] = frozenset({SUCCEEDED, FAILED, EXPIRED, CANCELLED})
+
+_B64 = "__b64__"
+
+
+class StoreError(Exception):
+    """The store cannot be used as asked (e.g. a database written by a newer version)."""
+
+
+def _encode_default(obj: object) -> Any:
+    if isinstance(obj, (bytes, bytearray, memoryview)):
+        return {_B64: base64.b64encode(bytes(obj)).decode("ascii")}
+    if isinstance(obj, xmlrpc.client.Binary):
+        return {_B64: base64.b64encode(obj.data).decode("ascii")}
+    raise TypeError(f"cannot store a value of type {type(obj).__name__} as JSON")
+
+
+def _decode_hook(obj: dict[str, Any]) -> Any:
+    if len(obj) == 1 and _B64 in obj and isinstance(obj[_B64], str):
+        return base64.b64decode(obj[_B64])
+    return obj
+
+
+def dump_json(value: Any) -> str:
+    """JSON text for a column; bytes become ``{"__b64__": ...}``; anything else unknown raises."""
+    return json.dumps(
+        value, default=_encode_default, allow_nan=False, ensure_ascii=False, separators=(",", ":")
+    )
+
+
+def load_json(text: str | None) -> Any:
+    """Inverse of :func:`dump_json` (``None`` stays ``None``)."""
+    if text is None:
+        return None
+    return json.loads(text, object_hook=_decode_hook)
+
+
+@dataclass(slots=True)
+class Operation:
+    """One push order and everything learnt while carrying it out (design §5)."""
+
+    operation_id: str
+    request_id: str | None
+    distribution_id: str
+    operation: str
+    params: dict[str, Any]
+    sa_url: str | None
+    method: str | None
+    state: str
+    attempts: int
+    created_at: float
+    updated_at: float
+    not_before: float
+    expires_at: float | None
+    done_deadline: float | None
+    sa_transaction_id: int | None
+    start_result_code: int | None
+    transaction_result: int | None
+    result_code: int | None
+    last_error: str | None
+    result: dict[str, Any] | None
+    raw: list[dict[str, Any]] = field(default_factory=list)
+    forgotten: bool = False
+
+    @property
+    def is_final(self) -> bool:
+        return self.state in FINAL
+
+
+@dataclass(slots=True, kw_only=True)
+class NewOperation:
+    """An accepted order as ``submit`` takes it; the store assigns id, state and timestamps.
+
+    ``created_at`` ``None`` means "now" by the store's clock.
+    """
+
+    request_id: str | None = None
+    distribution_id: str
+    operation: str
+    params: dict[str, Any] = field(default_factory=dict)
+    sa_url: str | None = None
+    method: str | None = None
+    expires_at: float | None = None
+    created_at: float | None = None
+
+
+@dataclass(slots=True)
+class SARecord:
+    """What armsproxy knows of one SA: how to reach it and when it last spoke."""
+
+    distribution_id: str
+    push_method: str | None = None
+    push_endpoint: str | None = None
+    sa_certificate: str | None = None
+    last_pull_at: float | None = None
+    last_confirmation_at: float | None = None
+    confirmed: bool = False
+    last_peer: str | None = None
+    tunnels: list[dict[str, Any]] = field(default_factory=list)
+    updated_at: float = 0.0
+
+
+@dataclass(slots=True)
+class Event:
+    """An ``arms.event`` waiting in the outbox for delivery to the RS."""
+
+    seq: int
+    kind: str
+    operation_id: str | None
+    distribution_id: str
+    payload: dict[str, Any]
+    created_at: float
+    attempts: int
+
+
+@dataclass(slots=True)
+class OrphanDone:
+    """A done-request that could not yet be matched to an operation (§7.0.3, §7.0.4)."""
+
+    distribution_id: str
+    sa_transaction_id: int
+    type: str
+    xml: str
+    received_at: float
+    seq: int
+
+
+# Fields ``transition``/``update`` may change; ids, state, raw and forgotten have their own paths.
+MUTABLE_FIELDS: frozenset[str] = frozenset(
+    {
+        "operation",
+        "params",
+        "sa_url",
+        "method",
+        "attempts",
+        "created_at",
+        "updated_at",
+        "not_before",
+        "expires_at",
+        "done_deadline",
+        "sa_transaction_id",
+        "start_result_code",
+        "transaction_result",
+        "result_code",
+        "last_error",
+        "result",
+    }
+)
+
+SA_FIELDS: frozenset[str] = frozenset(
+    {
+        "push_method",
+        "push_endpoint",
+        "sa_certificate",
+        "last_pull_at",
+        "last_confirmation_at",
+        "confirmed",
+        "last_peer",
+        "tunnels",
+        "updated_at",
+    }
+)

@@ -1,0 +1,665 @@
+"""The embedded default store: one SQLite file, one dedicated thread, one connection.
+
+Why one thread: SQLite has a single writer, so more threads would only queue on its lock;
+serialising every call through ``ThreadPool(1, 1)`` removes write contention, keeps statement
+order equal to call order, and keeps the reactor thread free of disk I/O. WAL with
+``synchronous=FULL`` makes every COMMIT durable before the call returns, which is what lets the
+RS gate say "accepted" and the SA gate answer a done-request with 100.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import uuid
+from collections.abc import Callable, Collection, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+from twisted.internet import defer, threads
+from twisted.internet.interfaces import IReactorCore, IReactorTime
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+
+from armsproxy.store.migrations import FINAL_SQL, migrate
+from armsproxy.store.model import (
+    MUTABLE_FIELDS,
+    QUEUED,
+    SA_FIELDS,
+    SENDING,
+    STATES,
+    Event,
+    NewOperation,
+    Operation,
+    OrphanDone,
+    SARecord,
+    StoreError,
+    dump_json,
+    load_json,
+)
+
+T = TypeVar("T")
+
+_log = Logger()
+
+_OP_COLUMNS = (
+    "operation_id",
+    "request_id",
+    "distribution_id",
+    "operation",
+    "params",
+    "sa_url",
+    "method",
+    "state",
+    "attempts",
+    "created_at",
+    "updated_at",
+    "not_before",
+    "expires_at",
+    "done_deadline",
+    "sa_transaction_id",
+    "start_result_code",
+    "transaction_result",
+    "result_code",
+    "last_error",
+    "result",
+    "forgotten",
+)
+_OP_SELECT = "SELECT seq, " + ", ".join(_OP_COLUMNS) + " FROM operations"
+_JSON_OP_FIELDS = frozenset({"params", "result"})
+_SA_COLUMNS = ("distribution_id", *sorted(SA_FIELDS))
+_CHUNK = 500  # bound on bound parameters per statement
+
+
+@contextmanager
+def _transaction(conn: sqlite3.Connection, mode: str = "IMMEDIATE") -> Iterator[None]:
+    """BEGIN ... COMMIT; any exception (or a failed COMMIT) rolls everything back."""
+    conn.execute(f"BEGIN {mode}")
+    try:
+        yield
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
+def _chunks(seq: Sequence[T]) -> Iterator[Sequence[T]]:
+    for i in range(0, len(seq), _CHUNK):
+        yield seq[i : i + _CHUNK]
+
+
+def _marks(n: int) -> str:
+    return ",".join("?" * n)
+
+
+def _check_fields(changes: dict[str, Any], allowed: frozenset[str], what: str) -> None:
+    bad = sorted(set(changes) - allowed)
+    if bad:
+        raise ValueError(f"cannot change {what} field(s) {', '.join(bad)}")
+
+
+def _op_value(name: str, value: Any) -> Any:
+    return dump_json(value) if name in _JSON_OP_FIELDS and value is not None else value
+
+
+def _row_to_op(row: sqlite3.Row, raw: list[dict[str, Any]]) -> Operation:
+    values = {name: row[name] for name in _OP_COLUMNS}
+    values["params"] = load_json(values["params"])
+    values["result"] = load_json(values["result"])
+    values["forgotten"] = bool(values["forgotten"])
+    return Operation(**values, raw=raw)
+
+
+def _load_ops(conn: sqlite3.Connection, rows: list[sqlite3.Row]) -> list[Operation]:
+    raws: dict[int, list[dict[str, Any]]] = {row["seq"]: [] for row in rows}
+    for part in _chunks(list(raws)):
+        cur = conn.execute(
+            f"SELECT op_seq, entry FROM operation_raw WHERE op_seq IN ({_marks(len(part))})"
+            " ORDER BY id",
+            part,
+        )
+        for op_seq, entry in cur:
+            raws[op_seq].append(load_json(entry))
+    return [_row_to_op(row, raws[row["seq"]]) for row in rows]
+
+
+def _get_op(conn: sqlite3.Connection, where: str, args: Sequence[Any]) -> Operation | None:
+    row = conn.execute(f"{_OP_SELECT} WHERE {where}", args).fetchone()
+    return None if row is None else _load_ops(conn, [row])[0]
+
+
+def _event_row(event: dict[str, Any], operation_id: str | None, now: float) -> tuple[Any, ...]:
+    try:
+        kind = event["kind"]
+        distribution_id = event["distribution_id"]
+    except KeyError as e:
+        raise ValueError(f"event without {e.args[0]}: {event!r}")
+    payload = event.get("payload", {})
+    return (
+        kind,
+        event.get("operation_id", operation_id),
+        distribution_id,
+        dump_json(payload),  # may raise: the caller's transaction then rolls back
+        event.get("created_at", now),
+    )
+
+
+def _insert_events(
+    conn: sqlite3.Connection, events: Sequence[dict[str, Any]], operation_id: str | None, now: float
+) -> None:
+    for event in events:
+        conn.execute(
+            "INSERT INTO outbox (kind, operation_id, distribution_id, payload, created_at)"
+            " VALUES (?, ?, ?, ?, ?)",
+            _event_row(event, operation_id, now),
+        )
+
+
+def _row_to_sa(row: sqlite3.Row) -> SARecord:
+    values = {name: row[name] for name in _SA_COLUMNS}
+    values["confirmed"] = bool(values["confirmed"])
+    values["tunnels"] = load_json(values["tunnels"]) or []
+    return SARecord(**values)
+
+
+class SQLiteStore:
+    """:class:`~armsproxy.store.interface.Store` on a local SQLite file."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        reactor: IReactorCore | None = None,
+        clock: IReactorTime | None = None,
+        busy_timeout: float = 10.0,
+    ) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+
+            reactor = default_reactor  # type: ignore[assignment]
+        self.path = Path(path)
+        self._reactor = reactor
+        # Timestamps come from the injected clock, read on the reactor thread (Clock-friendly);
+        # threads need the real reactor.
+        self._clock: IReactorTime = clock if clock is not None else reactor  # type: ignore[assignment]
+        self._busy_timeout = busy_timeout
+        self._pool: ThreadPool | None = None
+        self._conn: sqlite3.Connection | None = None
+        self._shutdown_trigger: Any = None
+        # Test hook: called in the DB thread with the method name before each piece of work.
+        self.db_hook: Callable[[str], None] | None = None
+
+    # -- plumbing -------------------------------------------------------------------------
+
+    async def _run(self, name: str, fn: Callable[..., T], *args: Any) -> T:
+        if self._pool is None or self._conn is None:
+            raise StoreError("store is not open")
+        return await threads.deferToThreadPool(
+            self._reactor, self._pool, self._in_thread, name, fn, *args
+        )
+
+    def _in_thread(self, name: str, fn: Callable[..., T], *args: Any) -> T:
+        if self.db_hook is not None:
+            self.db_hook(name)
+        conn = self._conn
+        if conn is None:
+            raise StoreError("store is closed")
+        return fn(conn, *args)
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(str(self.path), isolation_level=None, timeout=self._busy_timeout)
+        try:
+            conn.row_factory = sqlite3.Row
+            conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000):d}")
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise StoreError(f"{self.path}: cannot use WAL journal (got {mode!r})")
+            conn.execute("PRAGMA synchronous = FULL")
+            conn.execute("PRAGMA foreign_keys = ON")
+            migrate(conn)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    async def open(self) -> None:
+        if self._pool is not None:
+            return
+        pool = ThreadPool(1, 1, name="armsproxy-store")
+        pool.start()
+        try:
+            conn = await threads.deferToThreadPool(self._reactor, pool, self._connect)
+        except BaseException:
+            pool.stop()
+            raise
+        self._pool, self._conn = pool, conn
+        self._shutdown_trigger = self._reactor.addSystemEventTrigger(
+            "before", "shutdown", lambda: defer.ensureDeferred(self.close())
+        )
+        _log.info("store open: {path}", path=str(self.path))
+
+    async def close(self) -> None:
+        pool = self._pool
+        if pool is None:
+            return
+        try:
+            # Runs after everything already queued: the pool is one FIFO thread.
+            await threads.deferToThreadPool(self._reactor, pool, self._close_conn)
+        finally:
+            self._pool = None
+            pool.stop()
+            if self._shutdown_trigger is not None:
+                try:
+                    self._reactor.removeSystemEventTrigger(self._shutdown_trigger)
+                except (ValueError, KeyError):  # already fired
+                    pass
+                self._shutdown_trigger = None
+
+    def _close_conn(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+
+    def _now(self) -> float:
+        return float(self._clock.seconds())
+
+    # -- operations -----------------------------------------------------------------------
+
+    async def submit(self, new: NewOperation) -> tuple[Operation, bool]:
+        now = self._now() if new.created_at is None else new.created_at
+        return await self._run("submit", _submit, new, uuid.uuid4().hex, now)
+
+    async def get(self, operation_id: str) -> Operation | None:
+        return await self._run("get", _read_one, "operation_id = ?", (operation_id,))
+
+    async def list_operations(
+        self,
+        *,
+        distribution_id: str | None = None,
+        states: Collection[str] | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> list[Operation]:
+        where: list[str] = []
+        args: list[Any] = []
+        if distribution_id is not None:
+            where.append("distribution_id = ?")
+            args.append(distribution_id)
+        if states is not None:
+            states = list(states)
+            where.append(f"state IN ({_marks(len(states))})")
+            args.extend(states)
+        if since is not None:
+            where.append("created_at >= ?")
+            args.append(since)
+        if until is not None:
+            where.append("created_at < ?")
+            args.append(until)
+        sql = _OP_SELECT
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY created_at, seq LIMIT ? OFFSET ?"
+        args += [int(limit), int(offset)]
+        return await self._run("list_operations", _read_many, sql, args)
+
+    async def transition(
+        self,
+        operation_id: str,
+        *,
+        expect: Collection[str],
+        state: str,
+        changes: dict[str, Any] | None = None,
+        events: Sequence[dict[str, Any]] = (),
+        raw: dict[str, Any] | None = None,
+    ) -> Operation | None:
+        if state not in STATES:
+            raise ValueError(f"unknown state {state!r}")
+        changes = dict(changes or {})
+        _check_fields(changes, MUTABLE_FIELDS, "operation")
+        return await self._run(
+            "transition",
+            _transition,
+            operation_id,
+            list(expect),
+            state,
+            changes,
+            list(events),
+            raw,
+            self._now(),
+        )
+
+    async def update(self, operation_id: str, changes: dict[str, Any]) -> Operation | None:
+        changes = dict(changes)
+        _check_fields(changes, MUTABLE_FIELDS, "operation")
+        return await self._run(
+            "update", _transition, operation_id, None, None, changes, [], None, self._now()
+        )
+
+    async def next_dispatchable(self, now: float, limit: int) -> list[Operation]:
+        return await self._run("next_dispatchable", _next_dispatchable, now, int(limit))
+
+    async def in_states(self, states: Collection[str]) -> list[Operation]:
+        states = list(states)
+        sql = f"{_OP_SELECT} WHERE state IN ({_marks(len(states))}) ORDER BY seq"
+        return await self._run("in_states", _read_many, sql, states)
+
+    async def find_by_sa_transaction(
+        self, distribution_id: str, sa_transaction_id: int
+    ) -> Operation | None:
+        return await self._run(
+            "find_by_sa_transaction",
+            _read_one,
+            "distribution_id = ? AND sa_transaction_id = ? ORDER BY seq DESC LIMIT 1",
+            (distribution_id, int(sa_transaction_id)),
+        )
+
+    async def forget(self, operation_id: str) -> bool:
+        return await self._run("forget", _forget, operation_id)
+
+    async def purge_results(self, older_than: float) -> int:
+        return await self._run("purge_results", _purge_results, older_than)
+
+    # -- SA registry ----------------------------------------------------------------------
+
+    async def sa_get(self, distribution_id: str) -> SARecord | None:
+        return await self._run("sa_get", _sa_get, distribution_id)
+
+    async def sa_update(self, distribution_id: str, **fields: Any) -> SARecord:
+        _check_fields(fields, SA_FIELDS, "SA registry")
+        fields.setdefault("updated_at", self._now())
+        return await self._run("sa_update", _sa_update, distribution_id, fields)
+
+    async def sa_list(
+        self, *, limit: int = 100, offset: int = 0, confirmed: bool | None = None
+    ) -> list[SARecord]:
+        return await self._run("sa_list", _sa_list, int(limit), int(offset), confirmed)
+
+    # -- event outbox ---------------------------------------------------------------------
+
+    async def add_events(self, events: Sequence[dict[str, Any]]) -> None:
+        await self._run("add_events", _add_events, list(events), self._now())
+
+    async def pending_events(self, limit: int) -> list[Event]:
+        return await self._run("pending_events", _pending_events, int(limit))
+
+    async def mark_delivered(self, seqs: Sequence[int]) -> None:
+        await self._run("mark_delivered", _mark_delivered, [int(s) for s in seqs])
+
+    async def note_event_attempt(self, seq: int) -> None:
+        await self._run("note_event_attempt", _note_event_attempt, int(seq))
+
+    # -- orphan done-requests -------------------------------------------------------------
+
+    async def add_orphan_done(
+        self,
+        distribution_id: str,
+        sa_transaction_id: int,
+        type: str,
+        xml: str,
+        received_at: float,
+    ) -> int:
+        row = (distribution_id, int(sa_transaction_id), type, xml, received_at)
+        return await self._run("add_orphan_done", _add_orphan_done, row)
+
+    async def take_orphan_dones(
+        self, distribution_id: str, sa_transaction_id: int
+    ) -> list[OrphanDone]:
+        return await self._run(
+            "take_orphan_dones", _take_orphan_dones, distribution_id, int(sa_transaction_id)
+        )
+
+    async def purge_orphan_dones(self, older_than: float) -> int:
+        """Drop orphans received before ``older_than`` (their operation never showed up)."""
+        return await self._run("purge_orphan_dones", _purge_orphan_dones, older_than)
+
+
+# -- work done in the DB thread (each function gets the connection first) --------------------
+
+
+def _read_one(conn: sqlite3.Connection, where: str, args: Sequence[Any]) -> Operation | None:
+    with _transaction(conn, "DEFERRED"):
+        return _get_op(conn, where, args)
+
+
+def _read_many(conn: sqlite3.Connection, sql: str, args: Sequence[Any]) -> list[Operation]:
+    with _transaction(conn, "DEFERRED"):
+        return _load_ops(conn, conn.execute(sql, args).fetchall())
+
+
+def _submit(
+    conn: sqlite3.Connection, new: NewOperation, operation_id: str, now: float
+) -> tuple[Operation, bool]:
+    params = dump_json(new.params)
+    with _transaction(conn):
+        # The UNIQUE constraint decides, not a prior SELECT: safe against any concurrency.
+        cur = conn.execute(
+            "INSERT INTO operations (operation_id, request_id, distribution_id, operation,"
+            " params, sa_url, method, state, attempts, created_at, updated_at, not_before,"
+            " expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?, ?)"
+            " ON CONFLICT (request_id) DO NOTHING",
+            (
+                operation_id,
+                new.request_id,
+                new.distribution_id,
+                new.operation,
+                params,
+                new.sa_url,
+                new.method,
+                QUEUED,
+                now,
+                now,
+                now,
+                new.expires_at,
+            ),
+        )
+        created = cur.rowcount == 1
+        if created:
+            op = _get_op(conn, "operation_id = ?", (operation_id,))
+        else:
+            op = _get_op(conn, "request_id = ?", (new.request_id,))
+    if op is None:  # pragma: no cover - the row was just written or found by the constraint
+        raise StoreError("submitted operation vanished")
+    return op, created
+
+
+def _transition(
+    conn: sqlite3.Connection,
+    operation_id: str,
+    expect: list[str] | None,
+    state: str | None,
+    changes: dict[str, Any],
+    events: list[dict[str, Any]],
+    raw: dict[str, Any] | None,
+    now: float,
+) -> Operation | None:
+    """CAS state change (``expect``/``state`` None: plain update) with raw and events."""
+    changes.setdefault("updated_at", now)
+    sets = [f"{name} = ?" for name in changes]
+    args: list[Any] = [_op_value(name, value) for name, value in changes.items()]
+    if state is not None:
+        sets.append("state = ?")
+        args.append(state)
+    sql = f"UPDATE operations SET {', '.join(sets)} WHERE operation_id = ?"
+    args.append(operation_id)
+    if expect is not None:
+        sql += f" AND state IN ({_marks(len(expect))})"
+        args.extend(expect)
+    with _transaction(conn):
+        # fetchall: a RETURNING statement must run to completion before COMMIT.
+        rows = conn.execute(sql + " RETURNING seq", args).fetchall()
+        if not rows:
+            return None
+        row = rows[0]
+        if raw is not None:
+            conn.execute(
+                "INSERT INTO operation_raw (op_seq, entry) VALUES (?, ?)", (row[0], dump_json(raw))
+            )
+        _insert_events(conn, events, operation_id, now)
+        return _get_op(conn, "seq = ?", (row[0],))
+
+
+def _next_dispatchable(conn: sqlite3.Connection, now: float, limit: int) -> list[Operation]:
+    # Head of each SA's queue = its oldest queued operation; an SA with anything in `sending`
+    # is skipped whole (one send at a time, nothing overtakes). `started` blocks nothing.
+    # Both halves walk the (state, distribution_id, seq) index: cost ~ number of queued rows.
+    sql = f"""
+        {_OP_SELECT} WHERE seq IN (
+            SELECT MIN(seq) FROM operations WHERE state = ? GROUP BY distribution_id
+        ) AND not_before <= ? AND NOT EXISTS (
+            SELECT 1 FROM operations AS busy
+            WHERE busy.state = ? AND busy.distribution_id = operations.distribution_id
+        )
+        ORDER BY seq LIMIT ?"""
+    with _transaction(conn, "DEFERRED"):
+        rows = conn.execute(sql, (QUEUED, now, SENDING, limit)).fetchall()
+        return _load_ops(conn, rows)
+
+
+def _forget(conn: sqlite3.Connection, operation_id: str) -> bool:
+    with _transaction(conn):
+        rows = conn.execute(
+            "UPDATE operations SET forgotten = 1, result = NULL WHERE operation_id = ?"
+            " RETURNING seq",
+            (operation_id,),
+        ).fetchall()
+        if not rows:
+            return False
+        conn.execute("DELETE FROM operation_raw WHERE op_seq = ?", (rows[0][0],))
+        return True
+
+
+def _purge_results(conn: sqlite3.Connection, older_than: float) -> int:
+    with _transaction(conn):
+        seqs = [
+            r[0]
+            for r in conn.execute(
+                "UPDATE operations SET forgotten = 1, result = NULL"
+                f" WHERE forgotten = 0 AND state IN ({FINAL_SQL}) AND updated_at < ?"
+                " RETURNING seq",
+                (older_than,),
+            ).fetchall()
+        ]
+        for part in _chunks(seqs):
+            conn.execute(f"DELETE FROM operation_raw WHERE op_seq IN ({_marks(len(part))})", part)
+        return len(seqs)
+
+
+def _sa_get(conn: sqlite3.Connection, distribution_id: str) -> SARecord | None:
+    row = conn.execute(
+        f"SELECT {', '.join(_SA_COLUMNS)} FROM sa_registry WHERE distribution_id = ?",
+        (distribution_id,),
+    ).fetchone()
+    return None if row is None else _row_to_sa(row)
+
+
+def _sa_update(conn: sqlite3.Connection, distribution_id: str, fields: dict[str, Any]) -> SARecord:
+    values = dict(fields)
+    if "tunnels" in values:
+        values["tunnels"] = dump_json(values["tunnels"] or [])
+    if "confirmed" in values:
+        values["confirmed"] = int(bool(values["confirmed"]))
+    names = list(values)
+    with _transaction(conn):
+        conn.execute(
+            f"INSERT INTO sa_registry (distribution_id, {', '.join(names)})"
+            f" VALUES (?, {_marks(len(names))})"
+            " ON CONFLICT (distribution_id) DO UPDATE SET "
+            + ", ".join(f"{n} = excluded.{n}" for n in names),
+            (distribution_id, *values.values()),
+        )
+        record = _sa_get(conn, distribution_id)
+    assert record is not None
+    return record
+
+
+def _sa_list(
+    conn: sqlite3.Connection, limit: int, offset: int, confirmed: bool | None
+) -> list[SARecord]:
+    sql = f"SELECT {', '.join(_SA_COLUMNS)} FROM sa_registry"
+    args: list[Any] = []
+    if confirmed is not None:
+        sql += " WHERE confirmed = ?"
+        args.append(int(confirmed))
+    sql += " ORDER BY distribution_id LIMIT ? OFFSET ?"
+    return [_row_to_sa(r) for r in conn.execute(sql, [*args, limit, offset])]
+
+
+def _add_events(conn: sqlite3.Connection, events: list[dict[str, Any]], now: float) -> None:
+    with _transaction(conn):
+        _insert_events(conn, events, None, now)
+
+
+def _pending_events(conn: sqlite3.Connection, limit: int) -> list[Event]:
+    rows = conn.execute(
+        "SELECT seq, kind, operation_id, distribution_id, payload, created_at, attempts"
+        " FROM outbox ORDER BY seq LIMIT ?",
+        (limit,),
+    ).fetchall()
+    return [
+        Event(
+            seq=r["seq"],
+            kind=r["kind"],
+            operation_id=r["operation_id"],
+            distribution_id=r["distribution_id"],
+            payload=load_json(r["payload"]),
+            created_at=r["created_at"],
+            attempts=r["attempts"],
+        )
+        for r in rows
+    ]
+
+
+def _mark_delivered(conn: sqlite3.Connection, seqs: list[int]) -> None:
+    # Delivered events are deleted: the RS has them, and the outbox stays small.
+    with _transaction(conn):
+        for part in _chunks(seqs):
+            conn.execute(f"DELETE FROM outbox WHERE seq IN ({_marks(len(part))})", part)
+
+
+def _note_event_attempt(conn: sqlite3.Connection, seq: int) -> None:
+    with _transaction(conn):
+        conn.execute("UPDATE outbox SET attempts = attempts + 1 WHERE seq = ?", (seq,))
+
+
+def _add_orphan_done(conn: sqlite3.Connection, row: tuple[Any, ...]) -> int:
+    with _transaction(conn):
+        cur = conn.execute(
+            "INSERT INTO orphan_dones (distribution_id, sa_transaction_id, type, xml,"
+            " received_at) VALUES (?, ?, ?, ?, ?)",
+            row,
+        )
+        assert cur.lastrowid is not None
+        return cur.lastrowid
+
+
+def _take_orphan_dones(
+    conn: sqlite3.Connection, distribution_id: str, sa_transaction_id: int
+) -> list[OrphanDone]:
+    with _transaction(conn):
+        rows = conn.execute(
+            "DELETE FROM orphan_dones WHERE distribution_id = ? AND sa_transaction_id = ?"
+            " RETURNING seq, distribution_id, sa_transaction_id, type, xml, received_at",
+            (distribution_id, sa_transaction_id),
+        ).fetchall()
+    orphans = [
+        OrphanDone(
+            distribution_id=r["distribution_id"],
+            sa_transaction_id=r["sa_transaction_id"],
+            type=r["type"],
+            xml=r["xml"],
+            received_at=r["received_at"],
+            seq=r["seq"],
+        )
+        for r in rows
+    ]
+    return sorted(orphans, key=lambda o: o.seq)  # RETURNING order is unspecified
+
+
+def _purge_orphan_dones(conn: sqlite3.Connection, older_than: float) -> int:
+    with _transaction(conn):
+        return conn.execute(
+            "DELETE FROM orphan_dones WHERE received_at < ?", (older_than,)
+        ).rowcount

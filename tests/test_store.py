@@ -1,0 +1,747 @@
+"""The durable store on real SQLite files: idempotency, CAS transitions with their outbox events,
+per-SA FIFO dispatch, results, registry, orphans, migrations, threads, and kill -9 durability."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import xmlrpc.client
+from pathlib import Path
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, reactor, task, threads
+from twisted.python import threadable
+
+import armsproxy
+from armsproxy.store import (
+    FINAL,
+    STATES,
+    NewOperation,
+    SQLiteStore,
+    Store,
+    StoreError,
+)
+from armsproxy.store.migrations import SCHEMA_VERSION, migrate
+
+SA_A = "0001-0000-1A2B-0105-0000-0000-0000-000A"
+SA_B = "0001-0000-1A2B-0105-0000-0000-0000-000B"
+T0 = 1_000_000.0
+
+
+@pytest.fixture
+def clock():
+    c = task.Clock()
+    c.advance(T0)
+    return c
+
+
+@pytest_twisted.async_yield_fixture
+async def store(tmp_path, clock):
+    s = SQLiteStore(tmp_path / "store.db", reactor=reactor, clock=clock)
+    await s.open()
+    yield s
+    await s.close()
+
+
+def new_op(distid=SA_A, operation="read-status", **kw):
+    return NewOperation(distribution_id=distid, operation=operation, **kw)
+
+
+def ev(kind, distid=SA_A, **payload):
+    return {"kind": kind, "distribution_id": distid, "payload": payload}
+
+
+def count(path, sql, *args):
+    conn = sqlite3.connect(path)
+    try:
+        return conn.execute(sql, args).fetchone()[0]
+    finally:
+        conn.close()
+
+
+def test_sqlite_store_satisfies_the_protocol():
+    # Every method of the Protocol exists on the backend with the same parameter names.
+    import inspect
+
+    for name, member in vars(Store).items():
+        if name.startswith("_") or not callable(member):
+            continue
+        impl = getattr(SQLiteStore, name)
+        assert inspect.iscoroutinefunction(impl), name
+        want = list(inspect.signature(member).parameters)
+        assert list(inspect.signature(impl).parameters) == want, name
+
+
+# -- submit --------------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_submit_stores_a_queued_operation(store, clock):
+    op, created = await store.submit(new_op(params={"a": 1}, sa_url="https://10.0.0.1/x"))
+    assert created
+    assert len(op.operation_id) == 32 and int(op.operation_id, 16) >= 0
+    assert op.state == "queued" and op.attempts == 0 and not op.forgotten
+    assert op.created_at == op.updated_at == op.not_before == T0
+    assert op.params == {"a": 1} and op.sa_url == "https://10.0.0.1/x"
+    assert op.raw == [] and op.result is None and op.done_deadline is None
+    assert await store.get(op.operation_id) == op
+    assert await store.get("0" * 32) is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_submit_is_idempotent_by_request_id(store):
+    first, created1 = await store.submit(new_op(request_id="rq-1", params={"v": 1}))
+    again, created2 = await store.submit(new_op(request_id="rq-1", params={"v": 2}))
+    assert created1 and not created2
+    assert again.operation_id == first.operation_id and again.params == {"v": 1}
+    other, created3 = await store.submit(new_op(request_id="rq-2"))
+    assert created3 and other.operation_id != first.operation_id
+    # No request_id: every submit is a new order.
+    a, _ = await store.submit(new_op())
+    b, _ = await store.submit(new_op())
+    assert a.operation_id != b.operation_id
+    assert count(store.path, "SELECT COUNT(*) FROM operations") == 4
+
+
+@pytest_twisted.ensureDeferred
+async def test_concurrent_submits_of_one_request_id_create_one_row(store, tmp_path, clock):
+    # A second store on the same file = a second connection and thread (another process would
+    # be the same): only the UNIQUE constraint can keep this to one row.
+    other = SQLiteStore(store.path, reactor=reactor, clock=clock)
+    await other.open()
+    try:
+        calls = [
+            defer.ensureDeferred(s.submit(new_op(request_id="same", params={"i": i})))
+            for i in range(40)
+            for s in (store, other)
+        ]
+        results = await defer.gatherResults(calls)
+    finally:
+        await other.close()
+    assert len({op.operation_id for op, _ in results}) == 1
+    assert sum(created for _, created in results) == 1
+    assert count(store.path, "SELECT COUNT(*) FROM operations WHERE request_id = 'same'") == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_unencodable_params_store_nothing(store):
+    with pytest.raises(TypeError):
+        await store.submit(new_op(params={"x": object()}))
+    assert count(store.path, "SELECT COUNT(*) FROM operations") == 0
+
+
+# -- transition ----------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_transition_applies_changes_raw_and_events_together(store, clock):
+    op, _ = await store.submit(new_op())
+    clock.advance(5)
+    raw = {"kind": "start-request", "at": T0 + 5, "xml": "<arms-message/>"}
+    sent = await store.transition(
+        op.operation_id,
+        expect=["queued"],
+        state="sending",
+        changes={"attempts": 1},
+        raw=raw,
+    )
+    assert sent.state == "sending" and sent.attempts == 1 and sent.updated_at == T0 + 5
+    assert sent.raw == [raw]
+    clock.advance(1)
+    answer = {"kind": "start-answer", "at": T0 + 6, "xml": "<arms-message>100</arms-message>"}
+    started = await store.transition(
+        op.operation_id,
+        expect=["sending"],
+        state="started",
+        changes={"sa_transaction_id": 7, "start_result_code": 100, "done_deadline": T0 + 600},
+        events=[ev("operation.started", transaction_id=7)],
+        raw=answer,
+    )
+    assert started.state == "started" and started.sa_transaction_id == 7
+    assert started.done_deadline == T0 + 600 and started.raw == [raw, answer]
+    (event,) = await store.pending_events(10)
+    assert event.kind == "operation.started" and event.operation_id == op.operation_id
+    assert event.payload == {"transaction_id": 7} and event.created_at == T0 + 6
+    assert await store.get(op.operation_id) == started
+
+
+@pytest_twisted.ensureDeferred
+async def test_transition_is_compare_and_set(store, clock):
+    op, _ = await store.submit(new_op())
+    clock.advance(3)
+    wrong = await store.transition(
+        op.operation_id,
+        expect=["sending", "started"],
+        state="succeeded",
+        changes={"result_code": 100, "result": {"x": 1}},
+        events=[ev("operation.succeeded")],
+        raw={"kind": "done-request", "at": 1.0, "xml": "<x/>"},
+    )
+    assert wrong is None
+    assert await store.get(op.operation_id) == op  # not even updated_at moved
+    assert await store.pending_events(10) == []
+    missing = await store.transition("f" * 32, expect=["queued"], state="cancelled")
+    assert missing is None
+    # The winner of two racing transitions is the first; the second finds the state moved on.
+    first = defer.ensureDeferred(
+        store.transition(op.operation_id, expect=["queued"], state="cancelled")
+    )
+    second = defer.ensureDeferred(
+        store.transition(op.operation_id, expect=["queued"], state="sending")
+    )
+    won, lost = await defer.gatherResults([first, second])
+    assert won.state == "cancelled" and lost is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_transition_and_events_are_atomic(store):
+    op, _ = await store.submit(new_op())
+    # The UPDATE and the first event are written before the second event fails to encode.
+    with pytest.raises(TypeError):
+        await store.transition(
+            op.operation_id,
+            expect=["queued"],
+            state="sending",
+            changes={"attempts": 1},
+            events=[ev("operation.started"), ev("operation.failed", bad=object())],
+            raw={"kind": "start-request", "at": 1.0, "xml": "<x/>"},
+        )
+    # An event without a kind fails the same way.
+    with pytest.raises(ValueError, match="kind"):
+        await store.transition(
+            op.operation_id,
+            expect=["queued"],
+            state="sending",
+            events=[ev("operation.started"), {"distribution_id": SA_A, "payload": {}}],
+        )
+    assert await store.get(op.operation_id) == op
+    assert await store.pending_events(10) == []
+    assert count(store.path, "SELECT COUNT(*) FROM outbox") == 0
+    assert count(store.path, "SELECT COUNT(*) FROM operation_raw") == 0
+    # The store is still usable after the rollbacks.
+    assert (await store.transition(op.operation_id, expect=["queued"], state="sending")).state
+
+
+@pytest_twisted.ensureDeferred
+async def test_transition_refuses_unknown_states_and_fields(store):
+    op, _ = await store.submit(new_op())
+    with pytest.raises(ValueError, match="state"):
+        await store.transition(op.operation_id, expect=["queued"], state="done")
+    for field in ("operation_id", "request_id", "distribution_id", "state", "raw", "nope"):
+        with pytest.raises(ValueError, match=field):
+            await store.transition(
+                op.operation_id, expect=["queued"], state="sending", changes={field: "x"}
+            )
+        with pytest.raises(ValueError, match=field):
+            await store.update(op.operation_id, {field: "x"})
+    assert await store.get(op.operation_id) == op
+
+
+@pytest_twisted.ensureDeferred
+async def test_update_changes_fields_without_state(store, clock):
+    op, _ = await store.submit(new_op())
+    clock.advance(2)
+    changed = await store.update(
+        op.operation_id, {"attempts": 3, "not_before": T0 + 60, "last_error": "timeout"}
+    )
+    assert changed.state == "queued" and changed.attempts == 3
+    assert changed.not_before == T0 + 60 and changed.last_error == "timeout"
+    assert changed.updated_at == T0 + 2
+    assert await store.update("e" * 32, {"attempts": 1}) is None
+
+
+# -- dispatch order ------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_next_dispatchable_is_per_sa_fifo(store, clock):
+    ids = {}
+    for name in ("a1", "b1", "a2", "a3", "b2"):
+        op, _ = await store.submit(new_op(SA_A if name[0] == "a" else SA_B))
+        ids[name] = op.operation_id
+        clock.advance(1)
+    now = clock.seconds()
+
+    async def ready(at=now, limit=10):
+        return [op.operation_id for op in await store.next_dispatchable(at, limit)]
+
+    def names(*ns):
+        return [ids[n] for n in ns]
+
+    assert await ready() == names("a1", "b1")  # heads only, in submit order
+    assert await ready(limit=1) == names("a1")
+    await store.transition(ids["a1"], expect=["queued"], state="sending")
+    assert await ready() == names("b1")  # a1 being sent blocks SA A
+    await store.transition(ids["a1"], expect=["sending"], state="started")
+    assert await ready() == names("b1", "a2")  # started (waiting for its done) does not
+    # b1 backs off: b2 must not overtake it.
+    await store.update(ids["b1"], {"not_before": now + 30})
+    assert await ready() == names("a2")
+    assert await ready(at=now + 30) == names("b1", "a2")
+    # A re-queued operation keeps its place at the head.
+    await store.transition(ids["a2"], expect=["queued"], state="sending")
+    await store.transition(ids["a2"], expect=["sending"], state="queued")
+    assert await ready() == names("a2")
+    # Final operations are out of the queue.
+    await store.transition(ids["a2"], expect=["queued"], state="cancelled")
+    assert await ready() == names("a3")
+    await store.transition(ids["a3"], expect=["queued"], state="sending")
+    await store.transition(ids["a3"], expect=["sending"], state="succeeded")
+    await store.transition(ids["a1"], expect=["started"], state="expired")
+    assert await ready() == []
+    assert await ready(at=now + 30) == names("b1")
+
+
+@pytest_twisted.ensureDeferred
+async def test_next_dispatchable_and_lookups_use_indexes(store):
+    async def plan(sql, *args):
+        rows = await store._run(
+            "plan", lambda c: c.execute("EXPLAIN QUERY PLAN " + sql, args).fetchall()
+        )
+        return " | ".join(r[3] for r in rows)
+
+    from armsproxy.store import sqlite as impl
+
+    head = await plan(
+        "SELECT MIN(seq) FROM operations WHERE state = ? GROUP BY distribution_id", "queued"
+    )
+    assert "USING COVERING INDEX operations_state_sa" in head
+    txn = await plan(
+        f"{impl._OP_SELECT} WHERE distribution_id = ? AND sa_transaction_id = ?"
+        " ORDER BY seq DESC LIMIT 1",
+        SA_A,
+        3,
+    )
+    assert "USING INDEX operations_sa_txn" in txn and "SCAN" not in txn
+
+
+# -- results, lookups, lists ---------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_bytes_round_trip_in_params_and_results(store, tmp_path, clock):
+    params = {
+        "md_configs": [{"id": 10, "data": b"\x00\x89CFG\xff\r\n"}],
+        "nested": {"blob": b"", "text": "é"},
+        "binary": xmlrpc.client.Binary(b"\x01\x02"),
+    }
+    op, _ = await store.submit(new_op(operation="configure", params=params))
+    result = {"status": [{"id": 10, "data": b"\xde\xad\xbe\xef"}], "count": 3}
+    await store.transition(op.operation_id, expect=["queued"], state="sending")
+    await store.transition(
+        op.operation_id, expect=["sending"], state="succeeded", changes={"result": result}
+    )
+    await store.add_events([ev("operation.succeeded", data=b"\x00")])
+    await store.close()
+    reopened = SQLiteStore(tmp_path / "store.db", reactor=reactor, clock=clock)
+    await reopened.open()
+    try:
+        got = await reopened.get(op.operation_id)
+        (event,) = await reopened.pending_events(5)
+    finally:
+        await reopened.close()
+    assert got.params == {**params, "binary": b"\x01\x02"}
+    assert got.params["md_configs"][0]["data"] == b"\x00\x89CFG\xff\r\n"
+    assert got.result == result and event.payload == {"data": b"\x00"}
+    await store.open()  # the fixture closes it again
+
+
+@pytest_twisted.ensureDeferred
+async def test_find_by_sa_transaction_gives_the_most_recent(store):
+    old, _ = await store.submit(new_op())
+    new, _ = await store.submit(new_op())
+    other, _ = await store.submit(new_op(SA_B))
+    for op in (old, new, other):
+        await store.update(op.operation_id, {"sa_transaction_id": 42})
+    assert (await store.find_by_sa_transaction(SA_A, 42)).operation_id == new.operation_id
+    assert (await store.find_by_sa_transaction(SA_B, 42)).operation_id == other.operation_id
+    assert await store.find_by_sa_transaction(SA_A, 43) is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_list_operations_and_in_states(store, clock):
+    ops = []
+    for i in range(6):
+        op, _ = await store.submit(new_op(SA_A if i % 2 else SA_B, params={"i": i}))
+        ops.append(op)
+        clock.advance(10)
+    await store.transition(ops[1].operation_id, expect=["queued"], state="sending")
+    await store.transition(ops[4].operation_id, expect=["queued"], state="cancelled")
+
+    def ids(lst):
+        return [o.operation_id for o in lst]
+
+    assert ids(await store.list_operations()) == ids(ops)
+    assert ids(await store.list_operations(limit=2, offset=1)) == ids(ops[1:3])
+    assert ids(await store.list_operations(distribution_id=SA_A)) == ids(ops[1::2])
+    assert ids(await store.list_operations(states=["sending", "cancelled"])) == ids(
+        [ops[1], ops[4]]
+    )
+    assert ids(await store.list_operations(since=T0 + 20, until=T0 + 40)) == ids(ops[2:4])
+    assert await store.list_operations(states=[]) == []
+    assert ids(await store.in_states(["queued"])) == ids([ops[0], ops[2], ops[3], ops[5]])
+    assert ids(await store.in_states(FINAL)) == ids([ops[4]])
+    assert await store.in_states([]) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_forget_and_purge_results(store, clock):
+    async def finish(state):
+        op, _ = await store.submit(new_op())
+        return await store.transition(
+            op.operation_id,
+            expect=["queued"],
+            state=state,
+            changes={"result": {"x": b"1"}, "result_code": 100},
+            raw={"kind": "start-answer", "at": 0.0, "xml": "<x/>"},
+        )
+
+    done = await finish("succeeded")
+    assert await store.forget(done.operation_id)
+    forgotten = await store.get(done.operation_id)
+    assert forgotten.forgotten and forgotten.result is None and forgotten.raw == []
+    assert forgotten.state == "succeeded" and forgotten.result_code == 100
+    assert not await store.forget("d" * 32)
+
+    old_ok, old_failed = await finish("succeeded"), await finish("failed")
+    old_active, _ = await store.submit(new_op())
+    clock.advance(100)
+    recent = await finish("expired")
+    assert await store.purge_results(older_than=T0 + 50) == 2
+    for op in (old_ok, old_failed):
+        got = await store.get(op.operation_id)
+        assert got.forgotten and got.result is None and got.raw == []
+    assert not (await store.get(old_active.operation_id)).forgotten
+    kept = await store.get(recent.operation_id)
+    assert not kept.forgotten and kept.result == {"x": b"1"} and len(kept.raw) == 1
+    assert await store.purge_results(older_than=T0 + 50) == 0
+    assert count(store.path, "SELECT COUNT(*) FROM operation_raw") == 1
+
+
+# -- registry, outbox, orphans -------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_sa_registry_upserts_and_lists(store, clock):
+    assert await store.sa_get(SA_A) is None
+    rec = await store.sa_update(SA_A, push_method="https-simple", last_pull_at=T0 - 5)
+    assert rec.distribution_id == SA_A and rec.push_method == "https-simple"
+    assert rec.confirmed is False and rec.tunnels == [] and rec.updated_at == T0
+    clock.advance(1)
+    tunnels = [{"url": "https://10.0.0.1/t", "up": True}]
+    rec = await store.sa_update(
+        SA_A,
+        push_endpoint="https://10.0.0.9:10443/",
+        sa_certificate="-----BEGIN CERTIFICATE-----\n...",
+        confirmed=True,
+        last_confirmation_at=T0 + 1,
+        last_peer="10.0.0.9:5000",
+        tunnels=tunnels,
+    )
+    assert rec.push_method == "https-simple" and rec.last_pull_at == T0 - 5  # kept
+    assert rec.confirmed is True and rec.tunnels == tunnels and rec.updated_at == T0 + 1
+    assert await store.sa_get(SA_A) == rec
+    await store.sa_update(SA_B, push_method="https-tunnel")
+    assert [r.distribution_id for r in await store.sa_list()] == [SA_A, SA_B]
+    assert [r.distribution_id for r in await store.sa_list(confirmed=True)] == [SA_A]
+    assert [r.distribution_id for r in await store.sa_list(confirmed=False)] == [SA_B]
+    assert [r.distribution_id for r in await store.sa_list(limit=1, offset=1)] == [SA_B]
+    with pytest.raises(ValueError, match="bogus"):
+        await store.sa_update(SA_A, bogus=1)
+
+
+@pytest_twisted.ensureDeferred
+async def test_outbox_order_attempts_and_delivery(store, clock):
+    op, _ = await store.submit(new_op())
+    await store.add_events([ev("sa.confirmed", n=1), ev("sa.tunnel_up", SA_B, n=2)])
+    await store.transition(
+        op.operation_id,
+        expect=["queued"],
+        state="sending",
+        events=[ev("operation.started", n=3), ev("x", n=4, operation_id=None)],
+    )
+    await store.add_events([{**ev("operation.failed", n=5), "operation_id": "other"}])
+    pending = await store.pending_events(10)
+    assert [e.payload["n"] for e in pending] == [1, 2, 3, 4, 5]
+    assert pending == sorted(pending, key=lambda e: e.seq)
+    mine = op.operation_id
+    assert [e.operation_id for e in pending] == [None, None, mine, mine, "other"]
+    assert pending[1].distribution_id == SA_B
+    assert [e.payload["n"] for e in await store.pending_events(2)] == [1, 2]
+    await store.note_event_attempt(pending[0].seq)
+    await store.note_event_attempt(pending[0].seq)
+    await store.mark_delivered([pending[1].seq, pending[3].seq])
+    rest = await store.pending_events(10)
+    assert [e.payload["n"] for e in rest] == [1, 3, 5]
+    assert [e.attempts for e in rest] == [2, 0, 0]
+    await store.mark_delivered([])
+    await store.mark_delivered([e.seq for e in rest])
+    assert await store.pending_events(10) == []
+    # seq never goes back, even after the outbox emptied.
+    await store.add_events([ev("sa.tunnel_down")])
+    (later,) = await store.pending_events(10)
+    assert later.seq > pending[-1].seq
+
+
+@pytest_twisted.ensureDeferred
+async def test_orphan_dones_are_taken_once(store):
+    s1 = await store.add_orphan_done(SA_A, 9, "configure-done", "<a/>", T0)
+    s2 = await store.add_orphan_done(SA_A, 9, "configure-done", "<b/>", T0 + 1)
+    await store.add_orphan_done(SA_A, 10, "read-status-done", "<c/>", T0 + 2)
+    await store.add_orphan_done(SA_B, 9, "ping-done", "<d/>", T0 + 3)
+    assert s2 > s1
+    taken = await store.take_orphan_dones(SA_A, 9)
+    assert [(o.seq, o.xml, o.type, o.received_at) for o in taken] == [
+        (s1, "<a/>", "configure-done", T0),
+        (s2, "<b/>", "configure-done", T0 + 1),
+    ]
+    assert all(o.distribution_id == SA_A and o.sa_transaction_id == 9 for o in taken)
+    assert await store.take_orphan_dones(SA_A, 9) == []
+    assert await store.purge_orphan_dones(T0 + 3) == 1
+    assert await store.take_orphan_dones(SA_A, 10) == []
+    assert [o.xml for o in await store.take_orphan_dones(SA_B, 9)] == ["<d/>"]
+
+
+# -- schema, connection, threads -----------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_old_schema_is_migrated_and_keeps_data(tmp_path, clock):
+    path = tmp_path / "v1.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    assert migrate(conn, target=1) == 1
+    conn.execute(
+        "INSERT INTO operations (operation_id, request_id, distribution_id, operation, params,"
+        " state, attempts, created_at, updated_at, not_before, sa_transaction_id)"
+        " VALUES ('a' || hex(randomblob(15)), 'old-rq', ?, 'ping', '{\"n\":1}', 'started', 2,"
+        " 1.0, 2.0, 1.0, 5)",
+        (SA_A,),
+    )
+    conn.execute(
+        "INSERT INTO sa_registry (distribution_id, push_method, confirmed, updated_at)"
+        " VALUES (?, 'https-simple', 1, 3.0)",
+        (SA_A,),
+    )
+    columns = {r[1] for r in conn.execute("PRAGMA table_info(operations)")}
+    assert "done_deadline" not in columns
+    conn.close()
+
+    s = SQLiteStore(path, reactor=reactor, clock=clock)
+    await s.open()
+    try:
+        (op,) = await s.in_states(["started"])
+        assert op.request_id == "old-rq" and op.params == {"n": 1} and op.attempts == 2
+        assert op.done_deadline is None and op.sa_transaction_id == 5
+        again, created = await s.submit(new_op(request_id="old-rq"))
+        assert not created and again.operation_id == op.operation_id
+        rec = await s.sa_get(SA_A)
+        assert rec.push_method == "https-simple" and rec.confirmed and rec.tunnels == []
+        moved = await s.update(op.operation_id, {"done_deadline": 99.0})
+        assert moved.done_deadline == 99.0
+        assert await s.add_orphan_done(SA_A, 5, "ping-done", "<x/>", 1.0) > 0
+    finally:
+        await s.close()
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+        columns = {r[1] for r in conn.execute("PRAGMA table_info(operations)")}
+        assert "done_deadline" in columns
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    finally:
+        conn.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_newer_schema_is_refused(tmp_path, clock):
+    path = tmp_path / "future.db"
+    conn = sqlite3.connect(path)
+    conn.execute("PRAGMA user_version = 99")
+    conn.close()
+    s = SQLiteStore(path, reactor=reactor, clock=clock)
+    with pytest.raises(StoreError, match="newer"):
+        await s.open()
+    assert not [t for t in threading.enumerate() if "armsproxy-store" in t.name]  # stopped
+    with pytest.raises(StoreError, match="not open"):
+        await s.get("x")
+
+
+@pytest_twisted.ensureDeferred
+async def test_connection_settings(store):
+    async def pragma(name):
+        return await store._run("pragma", lambda c: c.execute(f"PRAGMA {name}").fetchone()[0])
+
+    assert await pragma("journal_mode") == "wal"
+    assert await pragma("synchronous") == 2  # FULL
+    assert await pragma("foreign_keys") == 1
+    assert await pragma("busy_timeout") == 10000
+
+
+@pytest_twisted.ensureDeferred
+async def test_no_store_call_runs_on_the_reactor_thread(store):
+    seen = []
+    store.db_hook = lambda name: seen.append(
+        (name, threading.get_ident(), threadable.isInIOThread())
+    )
+    assert threadable.isInIOThread()  # the test itself runs on the reactor thread
+    op, _ = await store.submit(new_op(request_id="t"))
+    await store.get(op.operation_id)
+    await store.list_operations()
+    await store.transition(op.operation_id, expect=["queued"], state="sending")
+    await store.update(op.operation_id, {"attempts": 1})
+    await store.next_dispatchable(T0, 10)
+    await store.in_states(["sending"])
+    await store.find_by_sa_transaction(SA_A, 1)
+    await store.forget(op.operation_id)
+    await store.purge_results(T0)
+    await store.sa_update(SA_A, push_method="https-simple")
+    await store.sa_get(SA_A)
+    await store.sa_list()
+    await store.add_events([ev("sa.confirmed")])
+    (event,) = await store.pending_events(1)
+    await store.note_event_attempt(event.seq)
+    await store.mark_delivered([event.seq])
+    await store.add_orphan_done(SA_A, 1, "ping-done", "<x/>", T0)
+    await store.take_orphan_dones(SA_A, 1)
+    await store.purge_orphan_dones(T0)
+    methods = {n for n, m in vars(Store).items() if callable(m) and not n.startswith("_")}
+    public = methods - {"open", "close"}
+    assert {name for name, _, _ in seen} == public
+    assert not any(in_io for _, _, in_io in seen)
+    idents = {ident for _, ident, _ in seen}
+    assert len(idents) == 1 and threading.get_ident() not in idents
+
+
+@pytest_twisted.ensureDeferred
+async def test_calls_after_close_fail_cleanly(tmp_path, clock):
+    s = SQLiteStore(tmp_path / "c.db", reactor=reactor, clock=clock)
+    await s.open()
+    await s.open()  # idempotent
+    await s.close()
+    await s.close()
+    with pytest.raises(StoreError):
+        await s.submit(new_op())
+    assert not Path(str(tmp_path / "c.db") + "-wal").exists()  # checkpointed on close
+
+
+def test_states_are_the_life_cycle():
+    assert STATES == {
+        "queued",
+        "sending",
+        "started",
+        "succeeded",
+        "failed",
+        "expired",
+        "cancelled",
+    }
+    assert FINAL == {"succeeded", "failed", "expired", "cancelled"}
+
+
+# -- durability ----------------------------------------------------------------------------
+
+CHILD = r"""
+import os
+import sys
+from pathlib import Path
+from twisted.internet import defer, task
+from armsproxy.store import NewOperation, SQLiteStore
+
+async def main(reactor, path, rnd):
+    store = SQLiteStore(Path(path), reactor=reactor)
+    await store.open()
+    os.write(1, b"OPEN\n")
+    i = 0
+    while True:
+        params = {"round": rnd, "i": i, "blob": bytes([i % 256, rnd]) * 50}
+        op, created = await store.submit(NewOperation(
+            request_id=f"r{rnd}-{i}", distribution_id=f"sa-{i % 3}",
+            operation="read-status", params=params))
+        os.write(1, f"S {op.operation_id} {rnd} {i}\n".encode())  # one write: whole line
+        if i % 2 == 0:
+            await store.transition(
+                op.operation_id, expect=["queued"], state="succeeded",
+                changes={"result": {"i": i, "data": bytes([i % 256]) * 40}},
+                events=[{"kind": "operation.succeeded", "distribution_id": f"sa-{i % 3}",
+                         "payload": {"i": i}}],
+                raw={"kind": "start-answer", "at": 0.0, "xml": f"<r i='{i}'/>"})
+            os.write(1, f"R {op.operation_id} {rnd} {i}\n".encode())
+        i += 1
+
+task.react(lambda r: defer.ensureDeferred(main(r, sys.argv[1], int(sys.argv[2]))))
+"""
+
+
+def _kill_rounds(path: Path, rounds: int) -> list[list[str]]:
+    """Run the child ``rounds`` times, SIGKILL it mid-stream, return every acknowledged line."""
+    env = dict(os.environ, PYTHONPATH=str(Path(armsproxy.__file__).parent.parent))
+    rng = random.Random(1234)
+    acked: list[list[str]] = []
+    for rnd in range(rounds):
+        proc = subprocess.Popen(
+            [sys.executable, "-c", CHILD, str(path), str(rnd)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert proc.stdout.readline().strip() == "OPEN", proc.stderr.read()
+            want = rng.randrange(3, 40)
+            for _ in range(want):
+                line = proc.stdout.readline()
+                assert line, proc.stderr.read()
+                acked.append(line.split())
+            time.sleep(rng.random() * 0.02)  # land the kill anywhere in the next write
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(10)
+        # Lines written before the kill are acknowledged too.
+        acked.extend(
+            line.split()
+            for line in proc.stdout.read().splitlines(keepends=True)
+            if line.endswith("\n")
+        )
+        proc.stdout.close()
+        proc.stderr.close()
+        assert proc.returncode == -signal.SIGKILL
+    return acked
+
+
+@pytest_twisted.ensureDeferred
+async def test_kill_9_loses_no_acknowledged_order_or_result(tmp_path):
+    path = tmp_path / "durable.db"
+    acked = await threads.deferToThread(_kill_rounds, path, 5)
+    submitted = [(op_id, int(rnd), int(i)) for kind, op_id, rnd, i in acked if kind == "S"]
+    finished = {op_id for kind, op_id, _, _ in acked if kind == "R"}
+    assert len(submitted) >= 15 and finished
+
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    finally:
+        conn.close()
+    s = SQLiteStore(path, reactor=reactor)
+    await s.open()
+    try:
+        for op_id, rnd, i in submitted:
+            op = await s.get(op_id)
+            assert op is not None, f"acknowledged order {op_id} lost"
+            assert op.request_id == f"r{rnd}-{i}"
+            assert op.params == {"round": rnd, "i": i, "blob": bytes([i % 256, rnd]) * 50}
+            if op_id in finished:
+                assert op.state == "succeeded"
+                assert op.result == {"i": i, "data": bytes([i % 256]) * 40}
+                assert op.raw == [{"kind": "start-answer", "at": 0.0, "xml": f"<r i='{i}'/>"}]
+        events = {e.operation_id for e in await s.pending_events(10_000)}
+        assert finished <= events
+        # Every stored success has its event and vice versa: they were committed together.
+        succeeded = {op.operation_id for op in await s.in_states(["succeeded"])}
+        assert succeeded == events
+    finally:
+        await s.close()
