@@ -12,16 +12,23 @@ from pathlib import Path
 from typing import Any
 
 from twisted.application import service
-from twisted.application.internet import StreamServerEndpointService
+from twisted.application.internet import StreamServerEndpointService, TimerService
+from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
+from twisted.python.failure import Failure
 
 from . import __version__
 from .config import Config, ConfigError, embedded, load
+from .push.client import SAPushClient
+from .push.engine import PushEngine, PushSettings
+from .push.outbox import EventOutbox
 from .rs_client import KeyCache, RSClient
+from .rs_gate import RSGate, rs_gate_service
 from .sa_gate.protocol import GateLimits, SAGateFactory
 from .sa_gate.relay import PullRelay, RelaySettings
+from .store.sqlite import SQLiteStore
 from .tls import ListenerConfigError, TLSPolicy, tls_listener
 
 log = Logger()
@@ -39,6 +46,7 @@ class Options(usage.Options):
         ["data-dir", "d", "armsproxy-data", "Data directory for the embedded default."],
         ["port", "p", "8443", "SA gate port for the embedded default."],
         ["rs-port", None, "8790", "Demo RS port for the embedded default."],
+        ["rs-gate-port", None, "8780", "RS gate (XML-RPC) port for the embedded default."],
     ]
 
     def opt_version(self) -> None:
@@ -54,9 +62,43 @@ class Options(usage.Options):
                     Path(self["data-dir"]).absolute(),
                     port=int(self["port"]),
                     rs_port=int(self["rs-port"]),
+                    rs_gate_port=int(self["rs-gate-port"]),
                 )
         except (ConfigError, ValueError) as e:
             raise usage.UsageError(str(e)) from None
+
+
+class StoreService(service.MultiService):
+    """Opens the store, then starts its children; stops them all, then closes the store.
+
+    Everything that uses the store is a child, because a plain MultiService stops its
+    children without waiting for one another.
+    """
+
+    def __init__(self, store: SQLiteStore) -> None:
+        super().__init__()
+        self.store = store
+
+    def startService(self) -> None:
+        service.Service.startService(self)
+        d = defer.ensureDeferred(self.store.open())
+        d.addCallbacks(self._opened, self._failed)
+
+    def _opened(self, _: object) -> None:
+        if self.running:
+            for child in self:
+                child.startService()
+
+    def _failed(self, failure: Failure) -> None:
+        log.failure("cannot open the store; stopping", failure)
+        from twisted.internet import reactor
+
+        reactor.stop()  # type: ignore[attr-defined]
+
+    def stopService(self) -> defer.Deferred[None]:
+        stopped = super().stopService()  # children first, each awaited
+        stopped.addBoth(lambda _: defer.ensureDeferred(self.store.close()))
+        return stopped
 
 
 class _Closing(service.Service):
@@ -87,9 +129,43 @@ def build_services(cfg: Config, reactor: Any = None) -> service.MultiService:
         client_cert_pem=_read(cfg.rs_client_certificate), timeout=cfg.rs_timeout,
     )
     _Closing(rs).setServiceParent(top)
+    keys = KeyCache(rs, reactor, ttl=cfg.key_cache_ttl)
+    cfg.effective_store_path.parent.mkdir(parents=True, exist_ok=True)
+    store = SQLiteStore(cfg.effective_store_path, reactor=reactor, close_on_shutdown=False)
+    push_side = StoreService(store)
+    push_side.setServiceParent(top)
+    outbox = EventOutbox(store, rs, reactor)
+    assert cfg.sa_ca is not None
+    engine = PushEngine(
+        store=store,
+        client=SAPushClient(reactor, sa_ca_pem=cfg.sa_ca.read_bytes(),
+                            client_cert_pem=_read(cfg.push_client_certificate)),
+        keys=keys,
+        clock=reactor,
+        settings=PushSettings(
+            result_url=cfg.effective_result_url, max_attempts=cfg.max_attempts,
+            retry_base=cfg.retry_base, retry_cap=cfg.retry_cap, busy_delay=cfg.busy_delay,
+            done_timeout=cfg.done_timeout, default_expires_in=cfg.default_expires_in,
+            endpoint_from_peer=cfg.endpoint_from_peer,
+        ),
+        on_events=outbox.kick,
+    )
+    engine.setServiceParent(push_side)
+    outbox.setServiceParent(push_side)
+    TimerService(3600, _purge, store, reactor, cfg.results_ttl).setServiceParent(push_side)
+    try:
+        rs_gate = rs_gate_service(
+            reactor, cfg.rs_gate_listen, RSGate(engine, store, clock=reactor),
+            tls_client_ca=_read(cfg.rs_gate_client_ca),
+        )
+    except ListenerConfigError as e:
+        raise usage.UsageError(str(e)) from None
+    rs_gate.setName("rs-gate")
+    rs_gate.setServiceParent(push_side)
     relay = PullRelay(
         rs=rs,
-        keys=KeyCache(rs, reactor, ttl=cfg.key_cache_ttl),
+        keys=keys,
+        hooks=engine,
         settings=RelaySettings(
             public_urls=cfg.public_urls, default_methods=cfg.push_methods,
             tunnel_urls=cfg.tunnel_urls, echo_interval=cfg.echo_interval,
@@ -119,7 +195,14 @@ def build_services(cfg: Config, reactor: Any = None) -> service.MultiService:
     sa_gate.setName("sa-gate")
     sa_gate.setServiceParent(top)
     top.relay = relay  # type: ignore[attr-defined]  # for tests and the management view
+    top.engine = engine  # type: ignore[attr-defined]
+    top.store = store  # type: ignore[attr-defined]
     return top
+
+
+def _purge(store: SQLiteStore, clock: Any, ttl: float) -> defer.Deferred[int]:
+    """Results older than results.ttl go (push.forget does it earlier on the RS's word)."""
+    return defer.ensureDeferred(store.purge_results(clock.seconds() - ttl))
 
 
 def _add_demo_rs(cfg: Config, top: service.MultiService, reactor: Any) -> None:
@@ -143,6 +226,7 @@ def _add_demo_rs(cfg: Config, top: service.MultiService, reactor: Any) -> None:
         f"  CA to hand out as rs-certificate:             {pki.ca_cert_path}\n"
         f"  CA key (issues SA certificates):               {pki.ca_key_path}\n"
         f"  demo RS (XML-RPC):                             {cfg.rs_url}\n"
+        f"  RS gate (XML-RPC, push.submit...):             {cfg.rs_gate_listen}\n"
         f"  register a device: armsproxy-demo-rs --db {cfg.demo_rs_db} register "
         "DISTID --key KEY\n",
         flush=True,

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest_twisted
-from twisted.internet import reactor
+from twisted.internet import reactor, threads
 
 from armsproxy import pki
 from armsproxy.config import Config, load
@@ -124,7 +124,7 @@ async def test_embedded_default_serves_a_device(tmp_path):
     # twistd re-raises the signal after an orderly shutdown.
     assert proc.returncode in (0, -signal.SIGTERM), rest
     assert "Server Shut Down" in rest
-    assert "Traceback" not in rest
+    assert "Traceback" not in rest, rest
 
 
 def test_etc_example_loads():
@@ -139,6 +139,23 @@ def test_etc_example_loads():
                      (ROOT / "etc" / "armsproxy.conf").read_text(), re.M)
 
 
+def _rs_gate_version(socket_path: str) -> str:
+    import http.client
+    import xmlrpc.client
+
+    class UnixConnection(http.client.HTTPConnection):
+        def connect(self) -> None:
+            self.sock = socket.socket(socket.AF_UNIX)
+            self.sock.connect(socket_path)
+
+    class UnixTransport(xmlrpc.client.Transport):
+        def make_connection(self, host):
+            return UnixConnection("localhost")
+
+    proxy = xmlrpc.client.ServerProxy("http://localhost/RPC2", transport=UnixTransport())
+    return proxy.arms.interface_version()
+
+
 @pytest_twisted.ensureDeferred
 async def test_etc_example_runs_with_real_files(tmp_path):
     """The production example, with its paths and addresses swapped for this machine."""
@@ -146,6 +163,7 @@ async def test_etc_example_runs_with_real_files(tmp_path):
     server = pki.issue_server_cert(ca, ["127.0.0.1"], "armsproxy test")
     for name, text in (("sa-gate.pem", server.cert_pem), ("sa-gate.key", server.key_pem),
                        ("sa-gate-chain.pem", ca.cert_pem), ("ca.pem", ca.cert_pem),
+                       ("sa-ca.pem", ca.cert_pem),
                        ("ca.key", ca.key_pem)):
         (tmp_path / name).write_text(text)
     port, rs_port = _free_port(), _free_port()
@@ -155,6 +173,7 @@ async def test_etc_example_runs_with_real_files(tmp_path):
     text = re.sub(r"^url = .*$", f"url = http://127.0.0.1:{rs_port}/RPC2", text, flags=re.M)
     text = re.sub(r"^ca = .*$", "", text, flags=re.M)
     text = text.replace("/var/lib/armsproxy", str(tmp_path / "state"))
+    text = text.replace("unix:/run/armsproxy/rs.sock", f"unix:{tmp_path}/rs.sock")
     text += (f"\n[demo_rs]\nenabled = yes\nlisten = tcp:{rs_port}:interface=127.0.0.1\n"
              f"db = {tmp_path / 'rs.sqlite'}\n")
     conf = tmp_path / "armsproxy.conf"
@@ -166,5 +185,8 @@ async def test_etc_example_runs_with_real_files(tmp_path):
     try:
         _register(tmp_path / "rs.sqlite", tmp_path)
         await _device_sequence(f"https://127.0.0.1:{port}/arms", ca.cert_pem.encode())
+        # The RS gate of the example answers on its unix socket.
+        version = await threads.deferToThread(_rs_gate_version, str(tmp_path / "rs.sock"))
+        assert version == "1.0"
     finally:
         await top.stopService()

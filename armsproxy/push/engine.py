@@ -131,9 +131,12 @@ class PushEngine(service.Service):
         self._loop.start(self.settings.tick, now=True)
 
     async def _stop(self) -> None:
+        """Stop at once: whatever is cut short is resolved by ``recover`` at the next start."""
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         pending = list(self._in_flight | self._background)
+        for d in pending:
+            d.cancel()
         if pending:
             await defer.DeferredList(pending, consumeErrors=True)
 
@@ -150,8 +153,12 @@ class PushEngine(service.Service):
             return result
 
         d.addBoth(done)
-        d.addErrback(lambda f: log.failure("push engine: background task failed", f))
+        d.addErrback(self._background_failed)
         return d
+
+    def _background_failed(self, failure: Failure) -> None:
+        if not failure.check(defer.CancelledError):
+            log.failure("push engine: background task failed", failure)
 
     def _lock(self, distid: str) -> defer.DeferredLock:
         return self._locks.setdefault(distid, defer.DeferredLock())
@@ -162,8 +169,6 @@ class PushEngine(service.Service):
         new = self.validate_order(order)
         op, created = await self.store.submit(new)
         if created:
-            log.info("push: accepted {op} {operation} for {distid}", op=op.operation_id,
-                     operation=op.operation, distid=op.distribution_id)
             self.wake()
         return op, created
 
@@ -228,7 +233,8 @@ class PushEngine(service.Service):
 
     # -- dispatch loop ----------------------------------------------------------------------
     def wake(self) -> None:
-        self._spawn(self._pump())
+        if self.running:  # before start-up recovery nothing may be dispatched
+            self._spawn(self._pump())
 
     def _tick(self) -> defer.Deferred[None]:
         return self._spawn(self._tick_async())
@@ -272,7 +278,7 @@ class PushEngine(service.Service):
     def _dispatched(self, result: Any, op: Operation, d: defer.Deferred[None]) -> None:
         self._in_flight.discard(d)
         self._sending.discard(op.distribution_id)
-        if isinstance(result, Failure):
+        if isinstance(result, Failure) and not result.check(defer.CancelledError):
             log.failure("push: dispatch of {op} crashed", result, op=op.operation_id)
         self.wake()
 

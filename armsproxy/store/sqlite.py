@@ -173,7 +173,10 @@ class SQLiteStore:
         reactor: IReactorCore | None = None,
         clock: IReactorTime | None = None,
         busy_timeout: float = 10.0,
+        close_on_shutdown: bool = True,
     ) -> None:
+        """``close_on_shutdown=False`` when a service closes the store itself, after the
+        services that use it have stopped (a reactor trigger would close it under them)."""
         if reactor is None:
             from twisted.internet import reactor as default_reactor
 
@@ -184,6 +187,7 @@ class SQLiteStore:
         # threads need the real reactor.
         self._clock: IReactorTime = clock if clock is not None else reactor  # type: ignore[assignment]
         self._busy_timeout = busy_timeout
+        self._close_on_shutdown = close_on_shutdown
         self._pool: ThreadPool | None = None
         self._conn: sqlite3.Connection | None = None
         self._shutdown_trigger: Any = None
@@ -234,20 +238,21 @@ class SQLiteStore:
             pool.stop()
             raise
         self._pool, self._conn = pool, conn
-        self._shutdown_trigger = self._reactor.addSystemEventTrigger(
-            "before", "shutdown", lambda: defer.ensureDeferred(self.close())
-        )
+        if self._close_on_shutdown:
+            self._shutdown_trigger = self._reactor.addSystemEventTrigger(
+                "before", "shutdown", lambda: defer.ensureDeferred(self.close())
+            )
         _log.info("store open: {path}", path=str(self.path))
 
     async def close(self) -> None:
         pool = self._pool
         if pool is None:
             return
+        self._pool = None  # a second close() while this one runs is a no-op
         try:
             # Runs after everything already queued: the pool is one FIFO thread.
             await threads.deferToThreadPool(self._reactor, pool, self._close_conn)
         finally:
-            self._pool = None
             pool.stop()
             if self._shutdown_trigger is not None:
                 try:
