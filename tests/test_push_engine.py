@@ -359,3 +359,39 @@ async def test_unknown_device_fails_without_contacting_it(store, sa, clock):
     await settle(engine, clock)
     assert (await store.get(op.operation_id)).state == "failed"
     assert sa.calls == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_confirmation_done_is_sent_and_retried_within_the_window(store, sa, clock):
+    await store.sa_update(DISTID, sa_certificate="PEM")
+    engine = make_engine(store, sa, clock, confirmation_retry=3, confirmation_window=55)
+    sa.script += [PushUnreachable("listener not open yet"),
+                  answer_from("05-push-confirmation-done.response.txt")]
+    engine.confirmation_started(DISTID, "https-simple", "https://127.0.0.1:18450/", 5001,
+                                "127.0.0.1:5")
+    await until(lambda: len(sa.calls) == 1)
+    assert b"<transaction-id>5001</transaction-id>" in sa.calls[0]["body"]
+    assert sa.calls[0]["pin"] == "PEM"
+    clock.advance(3)
+    await until(lambda: len(sa.calls) == 2)
+    await settle(engine, clock)
+    record = await store.sa_get(DISTID)
+    assert record.confirmed and record.push_endpoint == "https://127.0.0.1:18450/"
+    assert [e.kind for e in await store.pending_events(10)] == ["sa.confirmed"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_confirmation_failure_is_reported_after_the_window(store, sa, clock):
+    engine = make_engine(store, sa, clock, confirmation_retry=10, confirmation_window=55)
+    sa.script += [PushUnreachable("refused")] * 10
+    engine.confirmation_started(DISTID, "https-simple", "https://127.0.0.1:18450/", 7,
+                                "127.0.0.1:5")
+    for attempt in range(1, 7):  # t = 0, 10, ... 50 s; at 60 s the SA has given up
+        await until(lambda attempt=attempt: len(sa.calls) == attempt)
+        clock.advance(10)
+    await until(lambda: not engine._background)
+    events = await store.pending_events(10)
+    assert [e.kind for e in events] == ["sa.confirmation_failed"]
+    assert "refused" in events[0].payload["error"]
+    assert not (await store.sa_get(DISTID)).confirmed
+    assert len(sa.calls) == 6  # nothing after the SA's 60 s window
