@@ -52,8 +52,28 @@ def _lxml_schema() -> etree.XMLSchema:
     return etree.XMLSchema(etree.parse(str(SCHEMA_PATH), _safe_parser()))
 
 
+def _declare_xmlschema_classes() -> None:
+    """Keep xmlschema working next to zope.interface.
+
+    Once any ``@implementer`` class derives from a ``collections.abc`` class (Twisted's
+    ``twisted.internet.testing`` has one), zope.interface leaves a ``__provides__`` descriptor
+    on those ABCs that raises AttributeError when read through a subclass. xmlschema's schema
+    classes derive from ``Sequence`` and introspect themselves with ``dir()`` + ``getattr()``,
+    so building a schema then fails. ``implementedBy`` gives each of them its own descriptor.
+    """
+    from xmlschema.validators import XsdValidator
+    from zope.interface import implementedBy
+
+    stack: list[type] = [XsdValidator]
+    while stack:
+        cls = stack.pop()
+        stack.extend(cls.__subclasses__())
+        implementedBy(cls)
+
+
 @functools.cache
 def _xmlschema_schema() -> xmlschema.XMLSchema10:
+    _declare_xmlschema_classes()
     return xmlschema.XMLSchema10(str(SCHEMA_PATH))
 
 

@@ -54,6 +54,9 @@ class GateLimits:
     max_body: int = 1024 * 1024
     request_timeout: float = 20.0  # whole request must arrive within this (slow clients)
     answer_timeout: float = 25.0  # hard stop for the handler (the SA gives up at 30 s)
+    # After the answer: how long a peer may keep the connection (TLS close_notify unanswered,
+    # handshake never finished) before it is aborted.
+    close_grace: float = 10.0
     paths: frozenset[str] = field(default_factory=frozenset)  # empty: any path
 
 
@@ -78,7 +81,9 @@ class SAGateProtocol(Protocol):
         self._chunks: ChunkDecoder | None = None
         self._body = bytearray()
         self._deadline: IDelayedCall | None = None
+        self._reaper: IDelayedCall | None = None
         self._answered = False
+        self._lost = False
         self._handling: defer.Deferred[bytes] | None = None
         self._peer = ""
 
@@ -91,7 +96,12 @@ class SAGateProtocol(Protocol):
         )
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        # Our own flag: a wrapped (TLS) transport need not offer a usable ``connected``.
+        self._lost = True
         self._cancel_deadline()
+        if self._reaper is not None and self._reaper.active():
+            self._reaper.cancel()
+        self._reaper = None
         if self._handling is not None and not self._answered:
             self.log.info("SA {peer} closed the connection before its answer", peer=self._peer)
             self._handling.cancel()
@@ -181,7 +191,17 @@ class SAGateProtocol(Protocol):
     def _feed_body(self, data: bytes) -> None:
         limits = self.factory.limits
         if self._chunks is not None:
-            for chunk in self._chunks.feed(data):
+            try:
+                chunks = self._chunks.feed(data)
+            except FramingError as e:
+                # A chunk declared bigger than the whole body may be: too large, not malformed.
+                # (framing.py has no dedicated exception for it; its message is matched.)
+                if "exceeds the limit" in str(e) and str(e).startswith("chunk size"):
+                    raise RequestRejected(
+                        413, f"chunked body over the {limits.max_body} limit: {e}"
+                    ) from None
+                raise
+            for chunk in chunks:
                 if chunk.end_of_stream:
                     self._dispatch()
                     return
@@ -214,7 +234,7 @@ class SAGateProtocol(Protocol):
 
     def _handler_failed(self, failure: Failure) -> None:
         if failure.check(defer.CancelledError, defer.TimeoutError):
-            if not self._answered and self.transport.connected:
+            if not self._answered and not self._lost:
                 self.log.error("SA gate: no answer within the hard limit for {peer}",
                                peer=self._peer)
                 self.factory.count("answer.timeout")
@@ -236,8 +256,22 @@ class SAGateProtocol(Protocol):
             return
         self._answered = True
         self._cancel_deadline()
+        if self._lost:
+            return
         self.transport.write(response)
         self.transport.loseConnection()
+        # A TLS close waits for the peer's close_notify (or, mid-handshake, for the handshake
+        # to finish); a peer that never sends either must not hold the connection forever.
+        self._reaper = self.factory.clock.callLater(
+            self.factory.limits.close_grace, self._abort_after_answer
+        )
+
+    def _abort_after_answer(self) -> None:
+        self._reaper = None
+        if not self._lost:
+            self.log.info("SA gate: {peer} did not close after its answer; aborting",
+                          peer=self._peer)
+            self.transport.abortConnection()
 
     def _peer_certificate(self) -> bytes | None:
         getter = getattr(self.transport, "getPeerCertificate", None)

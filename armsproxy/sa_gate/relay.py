@@ -35,7 +35,12 @@ from ..arms.messages import (
 )
 from ..rs_client import RSError
 from .protocol import GateRequest
-from .rs_structs import RSAnswerError, config_solicitation_body, result_code
+from .rs_structs import (
+    RSAnswerError,
+    config_solicitation_body,
+    push_method_answer,
+    result_code,
+)
 
 PUSH_METHODS = ("https-simple", "https-tunnel")
 
@@ -260,9 +265,13 @@ class PullRelay:
         if not codes.is_success(code):
             return ArmsResponse(type=message.type, result_code=code,
                                 description=codes.label(code), body=Empty())
-        preferred = answer.get("methods") or self.settings.default_methods
-        tunnel_urls = list(answer.get("tunnel_urls") or self.settings.tunnel_urls)
-        methods = [m for m in preferred if m in offered and m in PUSH_METHODS]
+        rs_answer = push_method_answer(answer)
+        preferred = rs_answer.methods or self.settings.default_methods
+        tunnel_urls = rs_answer.tunnel_urls or list(self.settings.tunnel_urls)
+        methods: list[str] = []
+        for m in preferred:  # the RS's order, only what the SA offered, each once
+            if m in offered and m in PUSH_METHODS and m not in methods:
+                methods.append(m)
         if "https-tunnel" in methods and not tunnel_urls:
             methods.remove("https-tunnel")
             self.log.warn("SA gate: https-tunnel preferred for {distid} but no tunnel URL is "
@@ -273,7 +282,7 @@ class PullRelay:
             )
         echo = None
         if "https-tunnel" in methods:
-            echo = int(answer.get("echo_interval") or self.settings.echo_interval)
+            echo = rs_answer.echo_interval or self.settings.echo_interval
         return ArmsResponse(
             type=message.type, result_code=code, description="OK",
             body=PushMethodQueryResponse(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import xmlrpc.client
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from ..arms.messages import ConfigSolicitationResponse, HeartbeatInfo, MdConfig, Module
@@ -48,6 +49,25 @@ def _str_list(struct: Mapping[str, Any], key: str, where: str) -> list[str]:
 
 def result_code(struct: Mapping[str, Any], where: str) -> int:
     return int(_get(struct, "result_code", int, where, default=100))
+
+
+@dataclass(slots=True)
+class PushMethodAnswer:
+    methods: list[str]  # RS preference order; empty: the configured default
+    tunnel_urls: list[str]  # empty: the configured tunnel URLs
+    echo_interval: int | None  # None: the configured echo interval
+
+
+def push_method_answer(struct: Mapping[str, Any]) -> PushMethodAnswer:
+    where = "arms.push_method_query answer"
+    echo = _get(struct, "echo_interval", int, where)
+    if echo is not None and echo <= 0:
+        raise RSAnswerError(f"{where}: 'echo_interval' must be positive, got {echo}")
+    return PushMethodAnswer(
+        methods=_str_list(struct, "methods", where),
+        tunnel_urls=_str_list(struct, "tunnel_urls", where),
+        echo_interval=echo,
+    )
 
 
 def config_solicitation_body(
