@@ -1061,3 +1061,66 @@ async def test_a_client_certificate_from_another_ca_is_refused(rigs, gate_pki):
     assert rig.requests == []
     with_cert = await rig.send(METHOD_QUERY_REQUEST, client_cert=gate_pki.client)
     assert with_cert.status == 200
+
+
+# ---------------------------------------------------------------------------------------------
+# done-requests: answered only once committed; not answered at all when they cannot be
+# ---------------------------------------------------------------------------------------------
+
+
+class DoneSink:
+    """The push engine's side of done-requests, with a switch to make the commit fail."""
+
+    def __init__(self) -> None:
+        self.fail = False
+        self.seen: list[tuple[str, int | None]] = []
+
+    def config_relayed(self, *args: Any) -> None:
+        pass
+
+    def confirmation_started(self, *args: Any) -> None:
+        pass
+
+    async def done_request(self, request, raw, peer) -> int:
+        if self.fail:
+            raise OSError("disk full")
+        self.seen.append((request.type, request.transaction_id))
+        return 100
+
+
+def _captured_done(name: str) -> bytes:
+    return (VECTORS / name).read_bytes().replace(
+        b"/arms-proxy.cgi", GATE_PATH.encode())
+
+
+@pytest_twisted.ensureDeferred
+async def test_done_request_is_answered_after_commit_in_one_write(rigs):
+    rig = await rigs()
+    sink = DoneSink()
+    rig.relay.hooks = sink
+    exchange = await sa_exchange(rig.port, [_captured_done("14-ping-done.request.txt")],
+                                 ca_pem=rig.pki.ca_pem)
+    assert sink.seen == [("ping-done", 1511953657)]
+    assert exchange.status == 200
+    body = exchange.body
+    assert b"<result-code>100</result-code>" in body
+    assert b"<transaction-id>1511953657</transaction-id>" in body
+    assert b'type="ping-done"' in body
+    assert len(rig.factory.connections[-1]) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_done_request_that_cannot_be_committed_gets_no_answer(rigs):
+    rig = await rigs()
+    sink = DoneSink()
+    sink.fail = True
+    rig.relay.hooks = sink
+    exchange = await sa_exchange(rig.port, [_captured_done("23-configure-done.request.txt")],
+                                 ca_pem=rig.pki.ca_pem)
+    assert exchange.data == b""  # no answer at all: the SA keeps (and resends) its done
+    assert rig.factory.connections[-1] == []
+    assert rig.logs.find("could not be committed", "not answering")
+    sink.fail = False
+    again = await sa_exchange(rig.port, [_captured_done("23-configure-done.request.txt")],
+                              ca_pem=rig.pki.ca_pem)
+    assert again.status == 200 and sink.seen == [("configure-done", 1992329462)]

@@ -60,6 +60,14 @@ class GateLimits:
     paths: frozenset[str] = field(default_factory=frozenset)  # empty: any path
 
 
+class NoAnswer(Exception):
+    """The handler decided the SA must get no answer at all (the connection is dropped).
+
+    For a done-request that could not be committed: any answer would end (or, for a
+    configure, roll back) the SA's transaction, while silence keeps it (design.md §5).
+    """
+
+
 class RequestRejected(Exception):
     def __init__(
         self, status: int, reason: str, extra_headers: tuple[tuple[str, str], ...] = ()
@@ -233,6 +241,12 @@ class SAGateProtocol(Protocol):
         d.addCallbacks(self._write_once, self._handler_failed)
 
     def _handler_failed(self, failure: Failure) -> None:
+        if failure.check(NoAnswer):
+            self.factory.count("answer.withheld")
+            self._answered = True
+            self._cancel_deadline()
+            self.transport.abortConnection()
+            return
         if failure.check(defer.CancelledError, defer.TimeoutError):
             if not self._answered and not self._lost:
                 self.log.error("SA gate: no answer within the hard limit for {peer}",

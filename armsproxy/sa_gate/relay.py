@@ -34,7 +34,7 @@ from ..arms.messages import (
     is_done_type,
 )
 from ..rs_client import RSError
-from .protocol import GateRequest
+from .protocol import GateRequest, NoAnswer
 from .rs_structs import (
     RSAnswerError,
     config_solicitation_body,
@@ -320,6 +320,15 @@ class PullRelay:
             self.log.error("SA gate: {type} from {distid} not taken: {e}",
                            type=message.type, distid=distid, e=e)
             return build_http_error(503)
+        except defer.CancelledError:
+            raise
+        except Exception as e:
+            self.stats["done.not_committed"] += 1
+            self.log.error(
+                "SA gate: {type} {tid} from {distid} could not be committed ({e!r}); not "
+                "answering, so the SA keeps the transaction", type=message.type,
+                tid=message.transaction_id, distid=distid, e=e)
+            raise NoAnswer() from e
         response = ArmsResponse(type=message.type, result_code=code, description="OK",
                                 transaction_id=message.transaction_id, body=Empty())
         return build_sa_response(serialise(response))
