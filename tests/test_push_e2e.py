@@ -219,3 +219,38 @@ async def test_done_before_start_answer_and_busy_device(tmp_path):
         if device is not None:
             await device.close()
         await top.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_rolled_back_configure_and_refused_authentication(tmp_path):
+    top, cfg, url, rs = await start_proxy(tmp_path)
+    device = None
+    try:
+        device = await pulled_device(cfg, url, DeviceBehaviour(configure_result=414))
+
+        async def final(op_id):
+            state = (await rs.call("push.status", op_id))["state"]
+            return state in ("succeeded", "failed", "expired")
+
+        configure = await rs.call("push.submit", {
+            "distribution_id": DISTID, "operation": "configure",
+            "params": {"modules": [{"id": 1, "version": "1.0.1",
+                                    "location": "harness-module"}],
+                       "md_configs": [{"id": 1, "data": "hostname broken\n"}]}})
+        await until(lambda: final(configure), what="configure to finish")
+        result = await rs.call("push.result", configure)
+        assert result["state"] == "failed"
+        assert result["transaction_result"] == 414
+        assert "414" in result["last_error"]
+        assert device.configs[1] == b"hostname harness-sa\n"  # rolled back on the device
+        # The device now holds another key than the RS gave armsproxy: it answers 401.
+        device.key = "rotated-on-the-device"
+        refused = await rs.call("push.submit", {"distribution_id": DISTID,
+                                                "operation": "check-transaction"})
+        await until(lambda: final(refused), what="the refused push to finish")
+        status = await rs.call("push.status", refused)
+        assert status["state"] == "failed" and "401" in status["last_error"]
+    finally:
+        if device is not None:
+            await device.close()
+        await top.stopService()
