@@ -310,6 +310,23 @@ class PullRelay:
         self.hooks.confirmation_started(distid, method, endpoint, confirmation_id, request.peer)
         return response
 
+    async def confirmation_start(self, distid: str, message: ArmsRequest,
+                                 peer: str) -> ArmsResponse:
+        """push-confirmation-start arriving on a tunnel: relayed like the https-simple one."""
+        request = GateRequest(method="POST", target="", version="HTTP/1.1", headers=[],
+                              body=b"", peer=peer, received_at=self.clock.seconds())
+        self.stats[f"request.{message.type}"] += 1
+        try:
+            response = await self._within_budget(
+                self._push_confirmation_start(distid, message, request), request)
+        except (RSError, defer.TimeoutError, RSAnswerError) as e:
+            self.stats["rs.unavailable"] += 1
+            self.log.error("SA gate: RS failed for tunnel confirmation of {distid}: {e!r}; "
+                           "answering 301", distid=distid, e=e)
+            return self._busy(message)
+        assert isinstance(response, ArmsResponse)
+        return response
+
     # -- done-requests (second half of 2-way pushes) ------------------------------------------
     async def _done_request(self, distid: str, message: ArmsRequest,
                             request: GateRequest) -> bytes:
