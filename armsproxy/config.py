@@ -75,6 +75,10 @@ class Config:
         return self.store_path or self.data_dir / "armsproxy.sqlite"
 
     @property
+    def tunnel_paths(self) -> frozenset[str]:
+        return frozenset((urlsplit(u).path or "/") for u in self.tunnel_urls)
+
+    @property
     def sa_paths(self) -> frozenset[str]:
         """Request paths the SA gate serves: those of the URLs handed to devices."""
         return frozenset((urlsplit(u).path or "/") for u in self.public_urls)
@@ -103,6 +107,9 @@ def validate(cfg: Config) -> Config:
         problems.append("[push] tunnel_urls: at most 5 (devices reject more)")
     for url in cfg.tunnel_urls:
         problems.extend(f"[push] tunnel_urls: {p}" for p in url_problems(url))
+    if cfg.tunnel_paths & cfg.sa_paths:
+        problems.append("[push] tunnel_urls: their paths must differ from the public_urls' "
+                        "paths (both are served on the SA gate's one listener)")
     for method in cfg.push_methods:
         if method not in PUSH_METHODS:
             problems.append(f"[push] methods: unknown method {method!r} (use {PUSH_METHODS})")
@@ -211,5 +218,6 @@ def embedded(data_dir: Path, *, port: int = 8443, rs_port: int = 8790,
         demo_rs_listen=f"tcp:{rs_port}:interface=127.0.0.1",
         demo_rs_db=data_dir / "demo-rs.sqlite",
         sa_ca=pki / "ca.pem",  # the dev CA issues both the gate's and the SAs' certificates
+        tunnel_urls=[f"https://{host}:{port}/arms-tunnel"],
         rs_gate_listen=f"tcp:{rs_gate_port}:interface=127.0.0.1",
     ))

@@ -30,6 +30,7 @@ from .sa_gate.protocol import GateLimits, SAGateFactory
 from .sa_gate.relay import PullRelay, RelaySettings
 from .store.sqlite import SQLiteStore
 from .tls import ListenerConfigError, TLSPolicy, tls_listener
+from .tunnel import TunnelRegistry, TunnelSession, parse_basic_authorization
 
 log = Logger()
 
@@ -135,6 +136,7 @@ def build_services(cfg: Config, reactor: Any = None) -> service.MultiService:
     push_side = StoreService(store)
     push_side.setServiceParent(top)
     outbox = EventOutbox(store, rs, reactor)
+    tunnels = TunnelRegistry()
     assert cfg.sa_ca is not None
     engine = PushEngine(
         store=store,
@@ -149,6 +151,7 @@ def build_services(cfg: Config, reactor: Any = None) -> service.MultiService:
             endpoint_from_peer=cfg.endpoint_from_peer,
         ),
         on_events=outbox.kick,
+        tunnels=tunnels,
     )
     engine.setServiceParent(push_side)
     outbox.setServiceParent(push_side)
@@ -174,14 +177,27 @@ def build_services(cfg: Config, reactor: Any = None) -> service.MultiService:
         relay_budget=cfg.relay_budget,
         max_body=cfg.max_body,
     )
+    hooks = _TunnelHooks(keys, relay, engine)
+
+    def open_tunnel(transport: Any, headers: list[tuple[str, str]], peer: str,
+                    path: str) -> TunnelSession:
+        authorization = next((v for k, v in headers if k.lower() == "authorization"), None)
+        distid, key = parse_basic_authorization(authorization)
+        return TunnelSession(
+            transport, distid=distid, key=key, peer=peer, path=path, hooks=hooks,
+            registry=tunnels, clock=reactor, echo_interval=relay.echo_interval_for(distid),
+        )
+
     factory = SAGateFactory(
         relay.handle,
         clock=reactor,
         limits=GateLimits(
             max_body=cfg.max_body, request_timeout=cfg.request_timeout,
             answer_timeout=min(cfg.relay_budget + 5.0, 28.0), paths=cfg.sa_paths,
+            tunnel_paths=cfg.tunnel_paths,
         ),
         counter=lambda name: relay.stats.update([name]),
+        tunnel_opener=open_tunnel if cfg.tunnel_urls else None,
     )
     try:
         listener = tls_listener(
@@ -196,8 +212,33 @@ def build_services(cfg: Config, reactor: Any = None) -> service.MultiService:
     sa_gate.setServiceParent(top)
     top.relay = relay  # type: ignore[attr-defined]  # for tests and the management view
     top.engine = engine  # type: ignore[attr-defined]
+    top.tunnels = tunnels  # type: ignore[attr-defined]
     top.store = store  # type: ignore[attr-defined]
     return top
+
+
+class _TunnelHooks:
+    """What a tunnel needs from the rest of armsproxy, without importing it (design.md §2)."""
+
+    def __init__(self, keys: KeyCache, relay: PullRelay, engine: PushEngine) -> None:
+        self.keys = keys
+        self.relay = relay
+        self.engine = engine
+
+    async def authenticate(self, distid: str, key: str) -> bool:
+        return await self.keys.check(distid, key)
+
+    async def confirmation_start(self, distid: str, request: Any, peer: str) -> Any:
+        return await self.relay.confirmation_start(distid, request, peer)
+
+    async def done_request(self, request: Any, raw: bytes, peer: str) -> int:
+        return await self.engine.done_request(request, raw, peer)
+
+    def tunnel_up(self, tunnel: Any) -> None:
+        self.engine.tunnel_up(tunnel)
+
+    def tunnel_down(self, tunnel: Any, reason: str) -> None:
+        self.engine.tunnel_down(tunnel, reason)
 
 
 def _purge(store: SQLiteStore, clock: Any, ttl: float) -> defer.Deferred[int]:

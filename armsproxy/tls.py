@@ -19,7 +19,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from zope.interface import implementer
 
 log = Logger()
@@ -134,6 +134,17 @@ def certificate_options(
     return options
 
 
+class RecordPerWriteTLSFactory(TLSMemoryBIOFactory):
+    """One transport write, one TLS record.
+
+    Twisted's default TLS transport merges the writes of one reactor turn into one record.
+    For the SA gate that would let a tunnel chunk header straddle the SA's 8191-byte reads,
+    which makes libarms lose sync (§9.5); answers are single writes anyway.
+    """
+
+    protocol = TLSMemoryBIOProtocol
+
+
 @implementer(IStreamServerEndpoint)
 @dataclass(slots=True)
 class TLSListener:
@@ -141,7 +152,7 @@ class TLSListener:
     options: ssl.CertificateOptions
 
     def listen(self, factory: IProtocolFactory) -> Deferred[IListeningPort]:
-        return self.endpoint.listen(TLSMemoryBIOFactory(self.options, False, factory))
+        return self.endpoint.listen(RecordPerWriteTLSFactory(self.options, False, factory))
 
 
 def tls_listener(reactor: object, description: str, policy: TLSPolicy) -> TLSListener:

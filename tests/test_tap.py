@@ -78,14 +78,18 @@ def _register(db: Path, pki_dir: Path) -> None:
                           "--ca-key", str(pki_dir / "ca.key")]) == 0
 
 
-async def _device_sequence(url: str, ca_pem: bytes) -> None:
+async def _device_sequence(url: str, ca_pem: bytes, tunnel_url: str | None = None) -> None:
     sa = SimulatedSA(reactor, DISTID, KEY, ca_pem=ca_pem, response_timeout=10.0)
     pull = await sa.config_solicitation(url)
     assert pull.verdict.outcome == "success", pull.verdict.describe()
     assert pull.verdict.rs_pull_server_urls == [url]
     query = await sa.push_method_query(url)
     assert query.verdict.outcome == "success", query.verdict.describe()
-    assert query.verdict.push_methods == ["https-simple"]
+    if tunnel_url is None:
+        assert query.verdict.push_methods == ["https-simple"]
+    else:  # the demo RS prefers https-simple, then https-tunnel
+        assert query.verdict.push_methods == ["https-simple", "https-tunnel"]
+        assert query.verdict.https_tunnel_urls == [tunnel_url]
     confirm = await sa.push_confirmation_start(url)
     assert confirm.verdict.outcome == "success", confirm.verdict.describe()
     assert confirm.verdict.transaction_id and confirm.verdict.transaction_id > 0
@@ -117,7 +121,8 @@ async def test_embedded_default_serves_a_device(tmp_path):
         assert "rs-certificate" in text and str(data / "pki" / "ca.pem") in text
         _register(data / "demo-rs.sqlite", data / "pki")
         await _device_sequence(f"https://127.0.0.1:{port}/arms",
-                               (data / "pki" / "ca.pem").read_bytes())
+                               (data / "pki" / "ca.pem").read_bytes(),
+                               tunnel_url=f"https://127.0.0.1:{port}/arms-tunnel")
     finally:
         proc.send_signal(signal.SIGTERM)
         rest, _ = proc.communicate(timeout=30)

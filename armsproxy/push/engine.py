@@ -48,6 +48,7 @@ from ..store.model import (
     NewOperation,
     Operation,
 )
+from ..tunnel import TunnelError
 from . import operations as ops
 from .client import PushError
 
@@ -79,6 +80,7 @@ class PushSettings:
     confirmation_window: float = 55.0  # the SA waits 60 s for push-confirmation-done (§7.2)
     confirmation_retry: float = 3.0
     endpoint_from_peer: bool = False  # push to the TCP peer address instead (SAs behind NAT)
+    tunnel_answer_timeout: float = 30.0  # the SA's answer to a request sent over a tunnel
 
 
 class OrderRejected(ValueError):
@@ -103,6 +105,7 @@ class PushEngine(service.Service):
         clock: IReactorTime,
         settings: PushSettings,
         on_events: Callable[[], None] | None = None,
+        tunnels: Any = None,
     ) -> None:
         self.store = store
         self.client = client
@@ -110,6 +113,7 @@ class PushEngine(service.Service):
         self.clock = clock
         self.settings = settings
         self.on_events = on_events or (lambda: None)
+        self.tunnels = tunnels  # armsproxy.tunnel.TunnelRegistry, when tunnels are served
         self._sending: set[str] = set()
         self._in_flight: set[defer.Deferred[None]] = set()
         self._locks: dict[str, defer.DeferredLock] = {}
@@ -283,7 +287,6 @@ class PushEngine(service.Service):
         self.wake()
 
     async def _dispatch(self, queued: Operation) -> None:
-        now = self.clock.seconds()
         op = await self.store.transition(
             queued.operation_id, expect={QUEUED}, state=SENDING,
             changes={"attempts": queued.attempts + 1},
@@ -292,28 +295,46 @@ class PushEngine(service.Service):
             return  # cancelled or taken meanwhile
         spec = ops.OPERATIONS[op.operation]
         record = await self.store.sa_get(op.distribution_id)
-        url = op.sa_url or (record.push_endpoint if record else None)
-        if not url:
+        tunnel = None
+        if self.tunnels is not None and op.method != "https-simple" and not op.sa_url:
+            tunnel = self.tunnels.pick(op.distribution_id)
+        if tunnel is None and not op.sa_url and (
+                op.method == "https-tunnel"
+                or (record is not None and record.push_method == "https-tunnel")):
+            await self._retry(op, "no live confirmed tunnel for this SA")
+            return
+        url = None if tunnel is not None else (
+            op.sa_url or (record.push_endpoint if record else None))
+        if tunnel is None and not url:
             await self._retry(op, "no push endpoint known for this SA (no https-simple "
                                   "confirmation yet, and the order has no sa_url)")
             return
-        key = await self.keys.sa_key(op.distribution_id)
-        if key is None:
-            await self._finish(op, {SENDING}, FAILED, "the RS does not know this device")
-            return
         try:
+            # result-url travels in every 2-way start, over a tunnel too: harmless there, and
+            # it keeps the SA's (global) value pointing at us (§7.0.3).
             body = ops.build_request(op.operation, op.distribution_id, op.params,
                                      result_url=self.settings.result_url if spec.two_way
                                      else None)
         except (UnsafeMessageError, ops.OrderError) as e:
             await self._finish(op, {SENDING}, FAILED, f"cannot build the request: {e}")
             return
+        now = self.clock.seconds()
         try:
-            answer = await self.client.push(
-                url, distribution_id=op.distribution_id, key=key, body=body,
-                pinned_certificate_pem=record.sa_certificate if record else None,
-            )
-        except PushError as e:
+            if tunnel is not None:
+                answer = await tunnel.request(body, timeout=self.settings.tunnel_answer_timeout)
+                status, xml, via = None, answer.body, f"tunnel {tunnel.id}"
+            else:
+                key = await self.keys.sa_key(op.distribution_id)
+                if key is None:
+                    await self._finish(op, {SENDING}, FAILED, "the RS does not know this device")
+                    return
+                assert url is not None
+                pushed = await self.client.push(
+                    url, distribution_id=op.distribution_id, key=key, body=body,
+                    pinned_certificate_pem=record.sa_certificate if record else None,
+                )
+                status, xml, via = pushed.status, pushed.xml, url
+        except (PushError, TunnelError) as e:
             if e.request_sent and spec.side_effects:
                 await self._finish(op, {SENDING}, FAILED,
                                    f"{e.reason}; the request was sent, so it may have run: "
@@ -321,9 +342,15 @@ class PushEngine(service.Service):
             else:
                 await self._retry(op, e.reason)
             return
-        raw_start = {"kind": "start", "at": now, "request": body.decode("ascii"),
-                     "answer": answer.xml.decode("ascii", "replace"), "status": answer.status}
-        outcome = ops.decode_start_answer(op.operation, answer.status, answer.xml)
+        raw_start = {"kind": "start", "at": now, "via": via, "request": body.decode("ascii"),
+                     "answer": xml.decode("ascii", "replace")}
+        if status is not None:
+            raw_start["status"] = status
+        await self._start_answered(op, spec, ops.decode_start_answer(op.operation, status, xml),
+                                   raw_start)
+
+    async def _start_answered(self, op: Operation, spec: ops.OperationSpec,
+                              outcome: ops.StartOutcome, raw_start: dict[str, Any]) -> None:
         if outcome.retryable:
             await self.store.transition(
                 op.operation_id, expect={SENDING}, state=QUEUED, raw=raw_start,
@@ -356,6 +383,32 @@ class PushEngine(service.Service):
                                                              outcome.transaction_id):
                 await self._apply_orphan(started, orphan.xml)
                 started = await self.store.get(op.operation_id) or started
+
+    # -- tunnels ----------------------------------------------------------------------------
+    def tunnel_up(self, tunnel: Any) -> None:
+        self._spawn(self._tunnel_changed(tunnel, "sa.tunnel_up", None))
+
+    def tunnel_down(self, tunnel: Any, reason: str) -> None:
+        self._spawn(self._tunnel_changed(tunnel, "sa.tunnel_down", reason))
+
+    async def _tunnel_changed(self, tunnel: Any, kind: str, reason: str | None) -> None:
+        """Registry and RS learn which tunnels an SA holds; queued orders may now go."""
+        distid = tunnel.distid
+        live = [t.info() for t in self.tunnels.live(distid)] if self.tunnels else []
+        fields: dict[str, Any] = {"tunnels": live}
+        if kind == "sa.tunnel_up":
+            fields.update(push_method="https-tunnel", confirmed=True,
+                          last_confirmation_at=self.clock.seconds(), last_peer=tunnel.peer)
+        await self.store.sa_update(distid, **fields)
+        payload: dict[str, Any] = {"tunnel_id": tunnel.id, "peer": tunnel.peer,
+                                   "path": tunnel.path, "tunnels": len(live)}
+        if reason:
+            payload["reason"] = reason
+        await self.store.add_events([{"kind": kind, "distribution_id": distid,
+                                      "operation_id": None, "payload": payload}])
+        self.on_events()
+        if kind == "sa.tunnel_up":
+            self.wake()
 
     async def _retry(self, op: Operation, reason: str) -> None:
         if op.attempts >= self.settings.max_attempts:

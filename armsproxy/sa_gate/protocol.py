@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
+from typing import Protocol as Interface
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -49,6 +51,19 @@ class GateRequest:
 Handler = Callable[[GateRequest], Awaitable[bytes]]
 
 
+class TunnelConnection(Interface):
+    """What the gate hands a tunnel connection to (armsproxy.tunnel.TunnelSession)."""
+
+    async def open(self) -> bool: ...
+
+    def data_received(self, data: bytes) -> None: ...
+
+    def connection_lost(self, reason: Failure | None = None) -> None: ...
+
+
+TunnelOpener = Callable[[Any, list[tuple[str, str]], str, str], TunnelConnection]
+
+
 @dataclass(slots=True)
 class GateLimits:
     max_body: int = 1024 * 1024
@@ -58,6 +73,7 @@ class GateLimits:
     # handshake never finished) before it is aborted.
     close_grace: float = 10.0
     paths: frozenset[str] = field(default_factory=frozenset)  # empty: any path
+    tunnel_paths: frozenset[str] = field(default_factory=frozenset)  # https-tunnel URLs' paths
 
 
 class NoAnswer(Exception):
@@ -94,6 +110,7 @@ class SAGateProtocol(Protocol):
         self._lost = False
         self._handling: defer.Deferred[bytes] | None = None
         self._peer = ""
+        self._tunnel: TunnelConnection | None = None
 
     # -- connection life ------------------------------------------------------------------
     def connectionMade(self) -> None:
@@ -107,6 +124,8 @@ class SAGateProtocol(Protocol):
         # Our own flag: a wrapped (TLS) transport need not offer a usable ``connected``.
         self._lost = True
         self._cancel_deadline()
+        if self._tunnel is not None:
+            self._tunnel.connection_lost(reason)
         if self._reaper is not None and self._reaper.active():
             self._reaper.cancel()
         self._reaper = None
@@ -130,6 +149,9 @@ class SAGateProtocol(Protocol):
 
     # -- reading --------------------------------------------------------------------------
     def dataReceived(self, data: bytes) -> None:
+        if self._tunnel is not None:
+            self._tunnel.data_received(data)
+            return
         if self._answered or self._handling is not None:
             return  # one request per connection; ignore anything after it
         try:
@@ -151,6 +173,10 @@ class SAGateProtocol(Protocol):
             rest = bytes(self._buffer[end + 4 :])
             self._buffer.clear()
             self._start(head)
+            if self._tunnel is not None:
+                if rest:
+                    self._tunnel.data_received(rest)
+                return
             data = rest
         self._feed_body(data)
 
@@ -173,6 +199,9 @@ class SAGateProtocol(Protocol):
         self._head = (method, target, version, headers)
         limits = self.factory.limits
         path = target.split("?", 1)[0]
+        if path in limits.tunnel_paths and self.factory.tunnel_opener is not None:
+            self._open_tunnel(method, path, headers)
+            return
         if limits.paths and path not in limits.paths:
             raise RequestRejected(404, f"unknown path {path[:80]!r}")
         if method != "POST":
@@ -195,6 +224,19 @@ class SAGateProtocol(Protocol):
             self._content_length = length
         else:
             raise RequestRejected(411, "POST without Content-Length or chunked body")
+
+    def _open_tunnel(self, method: str, path: str, headers: list[tuple[str, str]]) -> None:
+        """Hand the connection to the https-tunnel: its body never ends (§9.1)."""
+        chunked = any(k.lower() == "transfer-encoding" and "chunked" in v.lower()
+                      for k, v in headers)
+        if method != "POST" or not chunked:
+            raise RequestRejected(400, "a tunnel is opened with a chunked POST")
+        assert self.factory.tunnel_opener is not None
+        self._cancel_deadline()  # the session keeps its own timers from here on
+        self._tunnel = self.factory.tunnel_opener(self.transport, headers, self._peer, path)
+        self.factory.count("tunnel.opened")
+        d = defer.ensureDeferred(self._tunnel.open())
+        d.addErrback(lambda f: self.log.failure("SA gate: tunnel open failed", f))
 
     def _feed_body(self, data: bytes) -> None:
         limits = self.factory.limits
@@ -310,8 +352,10 @@ class SAGateFactory(Factory):
         clock: IReactorTime,
         limits: GateLimits | None = None,
         counter: Callable[[str], None] | None = None,
+        tunnel_opener: TunnelOpener | None = None,
     ) -> None:
         self.handler = handler
+        self.tunnel_opener = tunnel_opener
         self.clock = clock
         self.limits = limits or GateLimits()
         self._counter = counter

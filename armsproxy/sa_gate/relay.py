@@ -139,6 +139,9 @@ class PullRelay:
         self.relay_budget = relay_budget
         self.max_body = max_body
         self.stats: Counter[str] = Counter()
+        # The echo interval each SA was told (the RS may choose it per SA): its tunnels'
+        # watchdogs must use the same one.
+        self.echo_intervals: dict[str, int] = {}
 
     # -- entry ------------------------------------------------------------------------------
     async def handle(self, request: GateRequest) -> bytes:
@@ -283,6 +286,7 @@ class PullRelay:
         echo = None
         if "https-tunnel" in methods:
             echo = rs_answer.echo_interval or self.settings.echo_interval
+            self.echo_intervals[distid] = echo
         return ArmsResponse(
             type=message.type, result_code=code, description="OK",
             body=PushMethodQueryResponse(
@@ -309,6 +313,9 @@ class PullRelay:
                                 transaction_id=confirmation_id, body=Empty())
         self.hooks.confirmation_started(distid, method, endpoint, confirmation_id, request.peer)
         return response
+
+    def echo_interval_for(self, distid: str | None) -> int:
+        return self.echo_intervals.get(distid or "", self.settings.echo_interval)
 
     async def confirmation_start(self, distid: str, message: ArmsRequest,
                                  peer: str) -> ArmsResponse:

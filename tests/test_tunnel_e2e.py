@@ -1,0 +1,143 @@
+"""https-tunnel end to end over real TLS: a device behind NAT pulls, negotiates the tunnel,
+opens it on the SA gate's one port, confirms, and the RS orders every operation through it.
+Also: the tunnel lost while an operation is in flight, and the device reconnecting."""
+
+from __future__ import annotations
+
+import pytest_twisted
+from lxml import etree
+from twisted.internet import reactor
+
+from armsproxy.config import embedded
+from armsproxy.demo_rs import cli as demo_cli
+from armsproxy.tap import build_services
+from armsproxy.tools.sadevice import DeviceModule
+from armsproxy.tools.sasim import SimulatedSA
+from armsproxy.tools.satunnel import SimulatedTunnelDevice, TunnelBehaviour
+from tests.test_push_e2e import DISTID, KEY, ORDERS, RS, demo_events, free_port, until
+
+FINAL = ("succeeded", "failed", "expired", "cancelled")
+
+
+async def start_tunnel_proxy(tmp_path):
+    port, rs_port, gate_port = free_port(), free_port(), free_port()
+    cfg = embedded(tmp_path / "data", port=port, rs_port=rs_port, rs_gate_port=gate_port)
+    cfg.echo_interval = 1
+    top = build_services(cfg, reactor)
+    top.startService()
+    pki = cfg.data_dir / "pki"
+    assert demo_cli.main(["--db", str(cfg.demo_rs_db), "register", DISTID, "--key", KEY,
+                          "--module", "1:1.0.0:harness-module",
+                          "--push-methods", "https-tunnel"]) == 0
+    assert demo_cli.main(["--db", str(cfg.demo_rs_db), "issue-cert", DISTID,
+                          "--ca-cert", str(pki / "ca.pem"),
+                          "--ca-key", str(pki / "ca.key")]) == 0
+    return top, cfg, cfg.public_urls[0], RS(gate_port)
+
+
+async def tunnel_device(cfg, url, behaviour=None) -> SimulatedTunnelDevice:
+    ca = (cfg.data_dir / "pki" / "ca.pem").read_bytes()
+    sa = SimulatedSA(reactor, DISTID, KEY, ca_pem=ca)
+    pull = await sa.config_solicitation(url)
+    assert pull.verdict.outcome == "success", pull.verdict.describe()
+    root = etree.fromstring(pull.body_xml)
+    query = await sa.push_method_query(url, methods=["https-tunnel"])
+    assert query.verdict.outcome == "success", query.verdict.describe()
+    assert query.verdict.push_methods == ["https-tunnel"]
+    assert query.verdict.https_tunnel_urls == cfg.tunnel_urls
+    device = SimulatedTunnelDevice(
+        reactor, DISTID, KEY, ca_pem=ca,
+        sa_cert_pem=root.findtext(".//sa-certificate").encode(),
+        sa_key_pem=root.findtext(".//sa-private-key").encode(),
+        tunnel_urls=query.verdict.https_tunnel_urls, echo_interval=1.0, retry_interval=0.3,
+        behaviour=behaviour, modules=[DeviceModule(1, "1.0.0", "harness-module")],
+        configs={1: "hostname harness-sa\n"},
+    )
+    await device.start()
+    await device.ready(timeout=15)
+    return device
+
+
+async def wait_final(rs: RS, ids, timeout: float = 60.0) -> None:
+    ids = list(ids)
+
+    async def all_final():
+        states = [(await rs.call("push.status", i))["state"] for i in ids]
+        return all(state in FINAL for state in states)
+
+    await until(all_final, timeout=timeout, what="operations to finish")
+
+
+@pytest_twisted.ensureDeferred
+async def test_every_operation_through_a_tunnel(tmp_path):
+    top, cfg, url, rs = await start_tunnel_proxy(tmp_path)
+    device = None
+    try:
+        device = await tunnel_device(cfg, url)
+        status = await rs.call("sa.status", DISTID)
+        assert status["push_method"] == "https-tunnel" and len(status["tunnels"]) == 1
+        ids = {}
+        # pull-config makes a device leave its event loop and re-pull (§7.14), closing its
+        # tunnel for good; the https-simple end-to-end test covers it.
+        for operation, params in [o for o in ORDERS if o[0] != "pull-config"]:
+            ids[operation] = await rs.call("push.submit", {
+                "distribution_id": DISTID, "operation": operation, "params": params})
+        await wait_final(rs, ids.values())
+        results = {op: await rs.call("push.result", i) for op, i in ids.items()}
+        for op, result in results.items():
+            assert result["state"] == "succeeded", (op, result)
+            assert "tunnel" in result["raw"][0]["via"]
+        assert results["ping"]["result"]["success"] == 3
+        assert [h["hop"] for h in results["traceroute"]["result"]["hops"]] == [1, 2, 3]
+        assert results["md-command"]["result"]["results"][0]["data"] == "md_command(id=1): done"
+        assert results["configure"]["transaction_result"] == 100
+        assert device.configs[1] == b"hostname harness-sa-pushed\n"
+        assert device.rebooted
+        # Every done travelled on the tunnel and was acknowledged with its transaction-id.
+        assert device.dones and all(d.outcome == "success" for d in device.dones), [
+            (d.kind, d.outcome) for d in device.dones]
+        assert device.echoes_answered >= 1
+        # configure: the device dropped the tunnel, reconnected, sent configure-done first
+        # and confirmed again; reboot: the zero chunk closed it.
+        assert device.reconnects >= 1
+
+        async def events():
+            kinds = [e["event"]["kind"] for e in await demo_events(cfg)]
+            return kinds.count("sa.tunnel_up") >= 2 and "sa.tunnel_down" in kinds
+
+        await until(events, timeout=20, what="tunnel events at the RS")
+        assert (await rs.call("sa.status", DISTID))["tunnels"] == []
+    finally:
+        if device is not None:
+            await device.stop()
+        await top.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_tunnel_lost_while_operations_are_in_flight(tmp_path):
+    top, cfg, url, rs = await start_tunnel_proxy(tmp_path)
+    device = None
+    try:
+        device = await tunnel_device(cfg, url, TunnelBehaviour(answer_delay=0.5))
+        command = await rs.call("push.submit", {
+            "distribution_id": DISTID, "operation": "md-command",
+            "params": {"module_id": 1, "command": "show version"}})
+        await until(lambda: any(p.operation == "md-command" for p in device.received),
+                    what="the md-command on the device")
+        # Cut the tunnel under the waiting request (no zero chunk, like a NAT timeout).
+        for tunnel in list(device._live):
+            tunnel.kill()
+        await wait_final(rs, [command])
+        status = await rs.call("push.status", command)
+        assert status["state"] == "failed" and "may have run" in status["last_error"]
+        # The device reconnects and confirms again; read-only work goes through.
+        await device.ready(timeout=15)
+        listing = await rs.call("push.submit", {"distribution_id": DISTID,
+                                                "operation": "read-module-list"})
+        await wait_final(rs, [listing])
+        assert (await rs.call("push.status", listing))["state"] == "succeeded"
+        assert device.reconnects >= 1
+    finally:
+        if device is not None:
+            await device.stop()
+        await top.stopService()
