@@ -18,6 +18,7 @@ import time
 import xmlrpc.client
 from pathlib import Path
 
+import pytest
 import pytest_twisted
 from lxml import etree
 from twisted.internet import reactor, task, threads
@@ -26,6 +27,7 @@ from armsproxy import pki as pki_mod
 from armsproxy.demo_rs import cli as demo_cli
 from armsproxy.tools.sadevice import DeviceBehaviour, DeviceModule, SimulatedDevice
 from armsproxy.tools.sasim import SimulatedSA
+from armsproxy.tools.satunnel import SimulatedTunnelDevice, TunnelBehaviour
 
 ROOT = Path(__file__).parent.parent
 DISTID = "0001-0002-0003-0004-0005-0006-0007-0008"
@@ -41,10 +43,12 @@ def free_port() -> int:
 
 
 class Proxy:
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, *, tunnel: bool = False) -> None:
         self.tmp = tmp
         self.port, self.rs_port, self.gate_port = free_port(), free_port(), free_port()
         self.url = f"https://127.0.0.1:{self.port}/arms"
+        self.tunnel_url = f"https://127.0.0.1:{self.port}/arms-tunnel"
+        tunnel_line = f"tunnel_urls = {self.tunnel_url}\necho_interval = 2" if tunnel else ""
         self.data = tmp / "data"
         self.pki = pki_mod.ensure_dev_pki(self.data / "pki", ["127.0.0.1"])
         self.conf = tmp / "armsproxy.conf"
@@ -64,6 +68,7 @@ retry_base = 0.5
 retry_cap = 2
 busy_delay = 1
 done_timeout = 6
+{tunnel_line}
 [rs_gate]
 listen = tcp:{self.gate_port}:interface=127.0.0.1
 [demo_rs]
@@ -131,17 +136,19 @@ def order(i: int) -> dict:
             "request_id": f"restart-{i}"}
 
 
+@pytest.mark.parametrize("method", ["https-simple", "https-tunnel"])
 @pytest_twisted.ensureDeferred
-async def test_sigkill_loses_no_order_and_no_result(tmp_path):
+async def test_sigkill_loses_no_order_and_no_result(tmp_path, method):
     rng = random.Random(7)
-    proxy = Proxy(tmp_path)
+    tunnel = method == "https-tunnel"
+    proxy = Proxy(tmp_path, tunnel=tunnel)
     proxy.start()
     device = None
     try:
         db = str(proxy.data / "demo-rs.sqlite")
         assert demo_cli.main(["--db", db, "register", DISTID, "--key", KEY,
                               "--module", "1:1.0.0:harness-module",
-                              "--push-methods", "https-simple"]) == 0
+                              "--push-methods", method]) == 0
         assert demo_cli.main(["--db", db, "issue-cert", DISTID,
                               "--ca-cert", str(proxy.pki.ca_cert_path),
                               "--ca-key", str(proxy.pki.ca_key_path)]) == 0
@@ -149,22 +156,31 @@ async def test_sigkill_loses_no_order_and_no_result(tmp_path):
         sa = SimulatedSA(reactor, DISTID, KEY, ca_pem=ca)
         pull = await sa.config_solicitation(proxy.url)
         root = etree.fromstring(pull.body_xml)
-        device = SimulatedDevice(
-            reactor, DISTID, KEY, ca_pem=ca,
-            sa_cert_pem=root.findtext(".//sa-certificate").encode(),
-            sa_key_pem=root.findtext(".//sa-private-key").encode(),
-            behaviour=DeviceBehaviour(start_answer_delay=0.05, done_delay=0.3),
-            rs_pull_server_urls=[proxy.url],
-            modules=[DeviceModule(1, "1.0.0", "harness-module")],
-        )
-        await device.listen()
-        await sa.push_method_query(proxy.url)
-        await device.confirm()
-        for _ in range(100):
-            if device.confirmed:
-                break
-            await sleep(0.05)
-        assert device.confirmed
+        certs = {"sa_cert_pem": root.findtext(".//sa-certificate").encode(),
+                 "sa_key_pem": root.findtext(".//sa-private-key").encode()}
+        modules = [DeviceModule(1, "1.0.0", "harness-module")]
+        await sa.push_method_query(proxy.url, methods=[method])
+        if tunnel:
+            device = SimulatedTunnelDevice(
+                reactor, DISTID, KEY, ca_pem=ca, **certs, tunnel_urls=[proxy.tunnel_url],
+                echo_interval=2.0, retry_interval=0.2, modules=modules,
+                behaviour=TunnelBehaviour(answer_delay=0.05, done_delay=0.3, retry_max=1000),
+            )
+            await device.start()
+            await device.ready(timeout=15)
+        else:
+            device = SimulatedDevice(
+                reactor, DISTID, KEY, ca_pem=ca, **certs,
+                behaviour=DeviceBehaviour(start_answer_delay=0.05, done_delay=0.3),
+                rs_pull_server_urls=[proxy.url], modules=modules,
+            )
+            await device.listen()
+            await device.confirm()
+            for _ in range(100):
+                if device.confirmed:
+                    break
+                await sleep(0.05)
+            assert device.confirmed
 
         accepted: dict[str, str] = {}  # request_id -> operation_id, acknowledged by the RS gate
         results_seen: dict[str, dict] = {}
@@ -212,13 +228,13 @@ async def test_sigkill_loses_no_order_and_no_result(tmp_path):
             by_state[s["state"]] = by_state.get(s["state"], 0) + 1
         interrupted = sum("interrupted" in (s.get("last_error") or "")
                           for s in statuses.values())
-        print(f"\nrestart test: {kills} SIGKILLs, {len(accepted)} orders, states {by_state}, "
-              f"{interrupted} resolved as interrupted, {len(results_seen)} results checked "
-              "across kills")
+        print(f"\nrestart test ({method}): {kills} SIGKILLs, {len(accepted)} orders, "
+              f"states {by_state}, {interrupted} resolved as interrupted, "
+              f"{len(results_seen)} results checked across kills")
         assert by_state.get("succeeded", 0) >= len(accepted) // 2
     finally:
         if device is not None:
-            await device.close()
+            await (device.stop() if tunnel else device.close())
         proxy.stop()
     conn = sqlite3.connect(proxy.data / "armsproxy.sqlite")
     assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
