@@ -31,20 +31,7 @@ class MessageError(ValueError):
         self.detail = detail
 
 
-def _parser() -> etree.XMLParser:
-    return etree.XMLParser(
-        resolve_entities=False,
-        no_network=True,
-        load_dtd=False,
-        dtd_validation=False,
-        huge_tree=False,
-        remove_comments=True,
-        remove_pis=True,
-        collect_ids=False,
-    )
-
-
-_PARSER = _parser()
+_PARSER = schema.safe_parser(remove_comments=True, remove_pis=True, collect_ids=False)
 
 
 def _depth(el: etree._Element, limit: int) -> bool:

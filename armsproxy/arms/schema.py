@@ -36,20 +36,24 @@ class SchemaError(ValueError):
         self.path = path
 
 
-def _safe_parser() -> etree.XMLParser:
-    # The same refusals as the wire parser: no DTD, no entities, no network.
+def safe_parser(**options: bool) -> etree.XMLParser:
+    """What every parser of untrusted ARMS XML refuses: DTDs, entities, network, huge trees.
+
+    The wire parser (``codec``) adds its own options on top.
+    """
     return etree.XMLParser(
         resolve_entities=False,
         no_network=True,
         load_dtd=False,
         dtd_validation=False,
         huge_tree=False,
+        **options,
     )
 
 
 @functools.cache
 def _lxml_schema() -> etree.XMLSchema:
-    return etree.XMLSchema(etree.parse(str(SCHEMA_PATH), _safe_parser()))
+    return etree.XMLSchema(etree.parse(str(SCHEMA_PATH), safe_parser()))
 
 
 def _declare_xmlschema_classes() -> None:
@@ -104,7 +108,7 @@ def explain(xml: bytes, *, naming: bool = True) -> list[str]:
     type/body naming rule, which the schema cannot express.
     """
     try:
-        root = etree.fromstring(xml, _safe_parser())
+        root = etree.fromstring(xml, safe_parser())
     except etree.XMLSyntaxError as e:
         return [f"not well-formed XML: {e}"]
     problems = []

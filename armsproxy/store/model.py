@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import xmlrpc.client
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 QUEUED = "queued"
@@ -151,27 +151,14 @@ class OrphanDone:
     seq: int
 
 
-# Fields ``transition``/``update`` may change; ids, state, raw and forgotten have their own paths.
-MUTABLE_FIELDS: frozenset[str] = frozenset(
-    {
-        "operation",
-        "params",
-        "sa_url",
-        "method",
-        "attempts",
-        "created_at",
-        "updated_at",
-        "not_before",
-        "expires_at",
-        "done_deadline",
-        "sa_transaction_id",
-        "start_result_code",
-        "transaction_result",
-        "result_code",
-        "last_error",
-        "result",
-    }
+#: Every stored column of an operation, in the dataclass's order (``raw`` lives apart).
+OPERATION_COLUMNS: tuple[str, ...] = tuple(
+    f.name for f in fields(Operation) if f.name != "raw"
 )
+# Fields ``transition``/``update`` may change; ids, state, raw and forgotten have their own paths.
+MUTABLE_FIELDS: frozenset[str] = frozenset(OPERATION_COLUMNS) - {
+    "operation_id", "request_id", "distribution_id", "state", "forgotten",
+}
 
 SA_FIELDS: frozenset[str] = frozenset(
     {

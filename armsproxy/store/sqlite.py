@@ -24,6 +24,7 @@ from twisted.python.threadpool import ThreadPool
 from armsproxy.store.migrations import FINAL_SQL, migrate
 from armsproxy.store.model import (
     MUTABLE_FIELDS,
+    OPERATION_COLUMNS,
     QUEUED,
     SA_FIELDS,
     SENDING,
@@ -42,29 +43,7 @@ T = TypeVar("T")
 
 _log = Logger()
 
-_OP_COLUMNS = (
-    "operation_id",
-    "request_id",
-    "distribution_id",
-    "operation",
-    "params",
-    "sa_url",
-    "method",
-    "state",
-    "attempts",
-    "created_at",
-    "updated_at",
-    "not_before",
-    "expires_at",
-    "done_deadline",
-    "sa_transaction_id",
-    "start_result_code",
-    "transaction_result",
-    "result_code",
-    "last_error",
-    "result",
-    "forgotten",
-)
+_OP_COLUMNS = OPERATION_COLUMNS
 _OP_SELECT = "SELECT seq, " + ", ".join(_OP_COLUMNS) + " FROM operations"
 _JSON_OP_FIELDS = frozenset({"params", "result"})
 _SA_COLUMNS = ("distribution_id", *sorted(SA_FIELDS))
