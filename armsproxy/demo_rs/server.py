@@ -254,4 +254,13 @@ def make_demo_rs_site(
 ) -> server.Site:
     """A Site serving the demo RS on every path (e.g. ``http://127.0.0.1:8790/RPC2``)."""
     resource = DemoRS(db, clock=clock, rs_push_server_addresses=rs_push_server_addresses)
-    return server.Site(resource)
+    return _QuietSite(resource)
+
+
+class _QuietSite(server.Site):
+    """The demo RS logs each call itself; no extra access-log line per XML-RPC request."""
+
+    noisy = False
+
+    def log(self, request: server.Request) -> None:
+        pass

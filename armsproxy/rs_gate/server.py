@@ -95,6 +95,10 @@ class RSGateSite(server.Site):
         self.displayTracebacks = False
         self.noisy = False
 
+    def log(self, request: server.Request) -> None:
+        """No access-log line per call: the gate logs orders and faults itself, and a poll
+        loop's access lines cost more CPU than the polls (bench/push.py profile)."""
+
 
 class _Root(Resource):
     def getChild(self, path: bytes, request: server.Request) -> IResource:
