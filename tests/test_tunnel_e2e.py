@@ -74,8 +74,12 @@ async def test_every_operation_through_a_tunnel(tmp_path):
     device = None
     try:
         device = await tunnel_device(cfg, url)
-        status = await rs.call("sa.status", DISTID)
-        assert status["push_method"] == "https-tunnel" and len(status["tunnels"]) == 1
+        async def registered():
+            status = await rs.call("sa.status", DISTID)
+            live = [t for t in status.get("tunnels", []) if not t.get("closed_at")]
+            return status.get("push_method") == "https-tunnel" and len(live) == 1
+
+        await until(registered, what="the tunnel in the SA registry")
         ids = {}
         # pull-config makes a device leave its event loop and re-pull (§7.14), closing its
         # tunnel for good; the https-simple end-to-end test covers it.
@@ -106,7 +110,10 @@ async def test_every_operation_through_a_tunnel(tmp_path):
             return kinds.count("sa.tunnel_up") >= 2 and "sa.tunnel_down" in kinds
 
         await until(events, timeout=20, what="tunnel events at the RS")
-        assert (await rs.call("sa.status", DISTID))["tunnels"] == []
+        tunnels = (await rs.call("sa.status", DISTID))["tunnels"]
+        assert tunnels and all(t.get("closed_at") for t in tunnels)  # none live after reboot
+        assert any("zero" in t["close_reason"] or "closed by the SA" in t["close_reason"]
+                   for t in tunnels), tunnels
     finally:
         if device is not None:
             await device.stop()

@@ -83,6 +83,10 @@ class PushSettings:
     tunnel_answer_timeout: float = 30.0  # the SA's answer to a request sent over a tunnel
 
 
+#: Closed tunnels kept per SA in the registry (with when and why they closed).
+TUNNEL_HISTORY = 5
+
+
 class OrderRejected(ValueError):
     """An order that is not accepted; nothing was stored."""
 
@@ -392,13 +396,22 @@ class PushEngine(service.Service):
         self._spawn(self._tunnel_changed(tunnel, "sa.tunnel_down", reason))
 
     async def _tunnel_changed(self, tunnel: Any, kind: str, reason: str | None) -> None:
-        """Registry and RS learn which tunnels an SA holds; queued orders may now go."""
+        """Registry and RS learn which tunnels an SA holds; queued orders may now go.
+
+        The SA record keeps the live tunnels and the last few closed ones (when and why),
+        which is what ``sa.status`` shows.
+        """
         distid = tunnel.distid
+        now = self.clock.seconds()
         live = [t.info() for t in self.tunnels.live(distid)] if self.tunnels else []
-        fields: dict[str, Any] = {"tunnels": live}
+        record = await self.store.sa_get(distid)
+        closed = [t for t in (record.tunnels if record else []) if t.get("closed_at")]
+        if kind == "sa.tunnel_down":
+            closed.append({**tunnel.info(), "closed_at": now, "close_reason": reason or ""})
+        fields: dict[str, Any] = {"tunnels": live + closed[-TUNNEL_HISTORY:]}
         if kind == "sa.tunnel_up":
             fields.update(push_method="https-tunnel", confirmed=True,
-                          last_confirmation_at=self.clock.seconds(), last_peer=tunnel.peer)
+                          last_confirmation_at=now, last_peer=tunnel.peer)
         await self.store.sa_update(distid, **fields)
         payload: dict[str, Any] = {"tunnel_id": tunnel.id, "peer": tunnel.peer,
                                    "path": tunnel.path, "tunnels": len(live)}
