@@ -413,12 +413,21 @@ async def push_phase(gate: Gate, devices: list[dict[str, Any]], mix: list[tuple[
 
 @implementer(IOpenSSLClientConnectionCreator)
 class _BareTLS:
-    """Client TLS like a push needs at the least: no SNI, chain to the CA, no session reuse."""
+    """Client TLS like a push needs at the least: no SNI, chain to the CA, no session reuse.
 
-    def __init__(self, ca_pem: bytes) -> None:
+    bench/tunnels.py's devices cap the version and release idle buffers so that thousands of
+    connections fit in one process.
+    """
+
+    def __init__(self, ca_pem: bytes, *, tls_max: str = "1.3",
+                 release_buffers: bool = False) -> None:
         ctx = SSL.Context(SSL.TLS_METHOD)
         ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
+        if tls_max == "1.2":
+            ctx.set_max_proto_version(SSL.TLS1_2_VERSION)
         ctx.set_options(SSL.OP_NO_TICKET | SSL.OP_NO_COMPRESSION)
+        if release_buffers:
+            ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)
         ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
         ctx.get_cert_store().add_cert(crypto.load_certificate(crypto.FILETYPE_PEM, ca_pem))
         ctx.set_verify(SSL.VERIFY_PEER, lambda conn, cert, errno, depth, ok: bool(ok))

@@ -1,0 +1,1412 @@
+"""Tunnel benchmark: N idle https-tunnels from simulated SAs to one armsproxy, then pushes.
+
+    python bench/tunnels.py [-n 1000] [-m 2000] [--rate 1000 | --concurrency C]
+                            [--clients 2] [--echo-interval 60] [--steps 2]
+                            [--profile FILE] [--diagnose] [--tracemalloc FRAMES]
+
+What runs, and why this way:
+
+* armsproxy, embedded default (demo RS, dev PKI, SQLite), as ``twistd -n armsproxy`` in a
+  child process, started through a few lines of bench code that add a SIGUSR2 hook (run
+  ``gc.collect()`` and ``malloc_trim(0)`` and report VmRSS; with ``--diagnose`` also object
+  counts by type and ``mallinfo2``; with ``--tracemalloc`` a tracemalloc diff). armsproxy
+  itself is not changed.
+* SAs are registered straight into the demo RS SQLite with ``armsproxy.demo_rs.db``
+  (``register_sa`` for all in one transaction: 0.4 s for 10,000; the CLI costs 3.4 ms per SA
+  called in-process, one commit each, and 0.4 s per SA as a command), with
+  ``--push-methods https-tunnel``, one shared RS key and **no SA certificate**:
+  the SA gate asks for no client certificate and a tunnel is authenticated by its Basic
+  credentials alone, so issuing 10,000 RSA certificates would only cost time. The SAs do no
+  config-solicitation and no push-method-query: armsproxy needs neither to accept a tunnel
+  (it checks the key through its key cache: one ``arms.sa_key`` call to the demo RS per SA on
+  the first open) and, without a query, watches each tunnel with its configured echo interval
+  (60 s in the embedded default: a tunnel dies after 2 x 60 + 10 s without an echo-request).
+* ``--clients`` SA processes (a mode of this file), each holding its share of the tunnels with
+  a minimal tunnel client. ``SimulatedTunnelDevice`` (records every exchange, parses with lxml,
+  a TLS context per device) measured 85 ms of CPU and 137 KiB per device to come up, i.e.
+  14 minutes of CPU and 1.3 GiB for 10,000; this client takes ~2 ms and ~50 KiB per tunnel.
+  Each tunnel is one TLS connection (TLS 1.2 or 1.3, ``--tls-max``; chain checked against the
+  dev CA, no SNI, no session reuse) carrying exactly what a device
+  sends, taken from the captures in tests/vectors/tunnel: the open header (04), the
+  push-confirmation-start chunk message (05), the push-confirmation-done answer echoing the
+  transaction-id (06), ``echo-request`` chunks (09) every ``--echo-interval`` seconds spread
+  over the interval, and the answers to pushes (08 check-transaction, 20 read-module-list).
+  Unlike libarms, a message goes out as one write (one TLS record) instead of header, data
+  and CRLF as three: the bytes are the same, armsproxy reassembles any split. Right after
+  answering push-confirmation-done a tunnel sends one echo-request: its echo-response proves
+  that armsproxy has read the answer and registered the tunnel (they are handled in order),
+  so the count of confirmed tunnels needs no RS call. Opening is paced (``--open-concurrency``
+  connections being set up at a time across all clients) so the accept backlog never
+  overflows.
+* this process: orchestration, RSS readings, and the RS for the operations phase (XML-RPC over
+  a pool of persistent raw HTTP/1.1 connections, marshalled with ``xmlrpc.client``: ~0.3 ms of
+  CPU per operation, where bench/push.py's Agent-based client measured ~1 ms, which at
+  1,000 calls/s would take this process's whole core).
+
+Memory: armsproxy's VmRSS (/proc/PID/status) once it is quiet (its CPU under 15% of a core for
+3 s: TLS handshakes, relays, store writes and RS events all drained). The baseline is taken
+with ``--warm`` tunnels (default 20) already open, confirmed and pushed to, so that one-time
+costs (imports, caches, first XML-RPC connections) are not charged to the tunnels. The N
+tunnels are then opened in ``--steps`` equal steps with a reading after each step: the first
+figure is the average (RSS_N - RSS_0)/N, the step figures are the marginal cost, which is what
+a bigger N would add (bounded caches, SQLite page caches of the store and of the demo RS,
+which lives in the same process, stop growing). After ``--idle`` more seconds of echo traffic
+the reading is repeated, then after ``gc.collect()`` and after ``malloc_trim(0)`` (the last
+shows heap that glibc holds but armsproxy does not use).
+
+Operations: M 1-way operations (check-transaction and read-module-list alternating,
+round-robin over the N tunnels) through the RS gate's ``push.submit``; open loop at ``--rate``
+(default 1,000/s; the submit of operation i is due at t0 + i/rate, whatever happened to the
+others) or closed loop with ``--concurrency`` orders in flight (bench/push.py's push_phase).
+Latency is submit -> final state: the final ``updated_at`` (armsproxy's clock) minus the wall
+clock just before the submit was written (this process's clock; one host), so how often this
+process looks does not change it; the open loop reads the results once, after all are final.
+Achieved ops/s = successful operations / (last final - first submit). If the offered rate is
+above what armsproxy can do, the queue grows during the run and the latencies measure it.
+
+``--profile FILE`` samples armsproxy with py-spy (raw format, 250 Hz, non-blocking, per thread)
+during the operations phase and prints, for the reactor thread and the store's SQLite thread,
+how busy they were, the share of each part of armsproxy, and the top lines. The CPU figures
+per operation (whole process, and its reactor thread alone, from /proc) are always printed.
+
+Measured here (2 cores, virtio disk, TLS 1.3 unless said), 1,000 and 10,000 tunnels:
+
+* memory: 42.1 KiB per idle tunnel at 1,000 and 41.1 at 10,000 (marginal 40.6); with
+  ``--tls-max 1.2`` 31.9 KiB. gc.collect() and malloc_trim() change nothing: it is live. Of
+  it, OpenSSL (cryptography's bundled 4.0) ~33.5 KiB per TLS 1.3 connection (~24.6 for 1.2),
+  16 KiB of which an SSL object takes before any byte; Python objects ~8 KiB.
+* setup: ~7-8 ms of armsproxy CPU per tunnel, 135-150 tunnels/s; 10,000 in 74 s.
+* operations: 350-430 ops/s at most (1,000 offered), armsproxy then at one full core
+  (2.5-2.8 ms CPU per operation: ~1.5 reactor thread, ~1 SQLite thread, one GIL) with its
+  store's SQLite thread spending about half its time in COMMIT (synchronous=FULL); with the
+  data on tmpfs 506 ops/s. Below saturation: 200/s p99 9 ms, 250/s p99 26 ms, 300/s p99 59 ms.
+
+Everything runs on 127.0.0.1, bounded in count and time (``--timeout``); the file-descriptor
+limit of this process (inherited by the children) is raised to its hard limit; children die
+with this process and are stopped, the temporary directory removed, on failure and Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import json
+import os
+import re
+import resource
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import xmlrpc.client
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from twisted.internet.protocol import Protocol
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+VECTORS = ROOT / "tests" / "vectors" / "tunnel"
+KEY = "bench-rs-key"
+MODULE = "1:1.0.0:bench-module"
+CAPTURE_DISTID = b"0001-0002-0003-0004-0005-0006-0007-0008"
+CAPTURE_CONFIRMATION_ID = b"<transaction-id>2492</transaction-id>"
+ECHO_REQUEST = b"4;echo-request;trail\r\necho\r\n"  # 09-tunnel-echo.request.txt
+NOT_FINAL = ["queued", "sending", "started"]
+PAGE = 1000  # push.list's largest page
+KIB = 1024.0
+
+
+def _load_push_bench() -> ModuleType:
+    """bench/push.py's process and RS helpers, reused rather than copied."""
+    spec = importlib.util.spec_from_file_location("_bench_push", ROOT / "bench" / "push.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+push = _load_push_bench()
+
+
+# -- captured device bytes -------------------------------------------------------------------
+
+
+def _capture(name: str) -> bytes:
+    from armsproxy.arms.framing import TunnelMessage, parse_tunnel_file
+
+    (event,) = parse_tunnel_file((VECTORS / name).read_bytes())
+    assert isinstance(event, TunnelMessage)
+    return event.body
+
+
+@dataclass(frozen=True)
+class DeviceBytes:
+    """The messages a device writes, from the captures (message data, without chunk framing)."""
+
+    confirmation_start: bytes  # 05, with the capture's distid
+    confirmation_done_answer: bytes  # 06, with the capture's confirmation id
+    answers: dict[bytes, bytes]  # request type -> answer (08, 20)
+
+    @classmethod
+    def load(cls) -> DeviceBytes:
+        start = _capture("05-push-confirmation-start.request.txt")
+        done = _capture("06-push-confirmation-done.response.txt")
+        assert CAPTURE_DISTID in start and CAPTURE_CONFIRMATION_ID in done
+        return cls(start, done, {
+            b"check-transaction": _capture("08-check-transaction.response.txt"),
+            b"read-module-list": _capture("20-read-module-list.response.txt"),
+        })
+
+
+OPERATIONS = ("check-transaction", "read-module-list")
+
+
+def open_request(port: int, distid: str) -> bytes:
+    """The header a device writes on a fresh tunnel (04-https-tunnel-open.request.txt)."""
+    import base64
+
+    credentials = base64.b64encode(f"{distid}:{KEY}".encode("ascii")).decode("ascii")
+    return (
+        "POST /arms-tunnel HTTP/1.1\r\n"
+        f"Host: 127.0.0.1:{port}\r\n"
+        "Connection: close\r\n"
+        "Content-Type: text/xml\r\n"
+        "Transfer-Encoding: chunked\r\n"
+        f"Authorization: Basic {credentials}\r\n"
+        "\r\n"
+    ).encode("ascii")
+
+
+# -- the SA side (child processes) -----------------------------------------------------------
+
+
+# Tunnel phases, device side.
+_HEADER, _CONFIRM_START, _CONFIRM_DONE, _PROBE, _READY, _GONE = range(6)
+_TYPE = re.compile(rb'<arms-(request|response) type="([a-z-]+)"')
+_RESULT = re.compile(rb"<result-code>([0-9]+)</result-code>")
+_TRANSACTION = re.compile(rb"<transaction-id>([0-9]+)</transaction-id>")
+
+
+class SATunnel(Protocol):
+    """One device's tunnel: open, confirm, echo, answer pushes. Small on purpose."""
+
+    def __init__(self, fleet: Fleet, index: int, distid: str) -> None:
+        self.fleet = fleet
+        self.index = index
+        self.distid = distid
+        self.phase = _HEADER
+        self.buffer = bytearray()
+        self.parts: list[bytes] | None = None  # a message spread over several chunks
+        self.deadline: Any = None
+
+    def connectionMade(self) -> None:
+        self.deadline = self.fleet.reactor.callLater(
+            self.fleet.confirm_timeout, self.fail, "not confirmed in time")
+        self.transport.write(self.fleet.open_request(self.distid))
+
+    def write_message(self, data: bytes) -> None:
+        self.transport.write(self.fleet.chunk(data))
+
+    def dataReceived(self, data: bytes) -> None:
+        buffer = self.buffer
+        buffer += data
+        if self.phase == _HEADER:
+            end = buffer.find(b"\r\n\r\n")
+            if end < 0:
+                if len(buffer) > 4096:
+                    self.fail("no end of the tunnel-open answer header")
+                return
+            status = bytes(buffer[: buffer.find(b"\r\n")])
+            del buffer[: end + 4]
+            if not status.startswith(b"HTTP/1.1 200"):
+                self.fail(f"tunnel refused: {status.decode('latin-1')}")
+                return
+            self.phase = _CONFIRM_START
+            start = self.fleet.device.confirmation_start.replace(
+                CAPTURE_DISTID, self.distid.encode("ascii"))
+            self.write_message(start)
+        pos = 0
+        while self.phase != _GONE:
+            line_end = buffer.find(b"\r\n", pos)
+            if line_end < 0:
+                break
+            header = bytes(buffer[pos:line_end])
+            try:
+                size = int(header.split(b";", 1)[0], 16)
+            except ValueError:
+                self.fail(f"bad chunk header {header[:40]!r}")
+                return
+            end = line_end + 2 + size
+            if len(buffer) < end + 2:
+                break
+            chunk = bytes(buffer[line_end + 2 : end])
+            pos = end + 2
+            self.chunk(header.split(b";")[1:], chunk)
+        del buffer[:pos]
+
+    def chunk(self, extensions: list[bytes], data: bytes) -> None:
+        fleet = self.fleet
+        if b"echo-response" in extensions:
+            if self.phase == _PROBE:
+                self.ready()
+            else:
+                fleet.counts["echo_answered"] += 1
+            return
+        if not extensions and not data:
+            self.fail("armsproxy closed the tunnel (zero chunk)")
+            return
+        if b"trail" not in extensions:
+            self.parts = [*(self.parts or []), data]
+            return
+        if self.parts is not None:
+            data, self.parts = b"".join([*self.parts, data]), None
+        self.message(data)
+
+    def message(self, data: bytes) -> None:
+        fleet = self.fleet
+        found = _TYPE.search(data)
+        kind, type_ = (found.group(1), found.group(2)) if found else (b"", b"")
+        if self.phase == _CONFIRM_START:
+            code = _RESULT.search(data)
+            if type_ != b"push-confirmation-start" or not code or int(code.group(1)) >= 200:
+                self.fail(f"confirmation refused: {data[:200]!r}")
+                return
+            self.phase = _CONFIRM_DONE
+        elif self.phase == _CONFIRM_DONE:
+            tid = _TRANSACTION.search(data)
+            if type_ != b"push-confirmation-done" or kind != b"request" or not tid:
+                self.fail(f"expected push-confirmation-done, got {data[:200]!r}")
+                return
+            self.write_message(fleet.device.confirmation_done_answer.replace(
+                CAPTURE_CONFIRMATION_ID, tid.group(0)))
+            self.phase = _PROBE
+            self.transport.write(ECHO_REQUEST)
+        elif self.phase in (_PROBE, _READY):
+            answer = fleet.device.answers.get(type_)
+            if answer is None:
+                fleet.counts["unexpected"] += 1
+                fleet.note(f"unexpected message {data[:120]!r}")
+                return
+            self.write_message(answer)
+            fleet.counts["answered"] += 1
+
+    def ready(self) -> None:
+        self.phase = _READY
+        if self.deadline is not None and self.deadline.active():
+            self.deadline.cancel()
+        self.deadline = None
+        self.fleet.confirmed(self)
+
+    def fail(self, reason: str) -> None:
+        if self.phase == _GONE:
+            return
+        was = self.phase
+        self.phase = _GONE
+        if self.deadline is not None and self.deadline.active():
+            self.deadline.cancel()
+        self.deadline = None
+        self.fleet.failed(self, was, reason)
+        if self.transport is not None:
+            self.transport.abortConnection()
+
+    def connectionLost(self, reason: Any = None) -> None:
+        if self.phase != _GONE and not self.fleet.stopping:
+            self.fail(f"connection lost: {reason.getErrorMessage() if reason else '?'}")
+        self.phase = _GONE
+
+
+class Fleet:
+    """All tunnels of one SA process, opened step by step as the go-files appear."""
+
+    def __init__(self, reactor: Any, work: Path, name: str, port: int, plan: dict[str, Any],
+                 echo_interval: int, concurrency: int, tls_max: str) -> None:
+        self.reactor = reactor
+        self.work = work
+        self.name = name
+        self.port = port
+        self.steps: list[dict[str, Any]] = plan["steps"]
+        self.echo_interval = echo_interval
+        self.concurrency = concurrency
+        self.confirm_timeout = 120.0
+        self.device = DeviceBytes.load()
+        self.tls = push._BareTLS((work / "data" / "pki" / "ca.pem").read_bytes(), tls_max=tls_max,
+                                 release_buffers=True)
+        self.counts: Counter[str] = Counter()
+        self.notes: list[str] = []
+        self.todo: list[int] = []  # indices of the current step not started yet
+        self.step = 0
+        self.opening = 0
+        self.buckets: list[list[SATunnel]] = [[] for _ in range(echo_interval)]
+        self.tick = 0
+        self.stopping = False
+
+    @staticmethod
+    def chunk(data: bytes) -> bytes:
+        """One message as one chunk with a random id, as the SA frames it (§9.3)."""
+        from armsproxy.arms.framing import encode_chunk, new_chunk_id
+
+        return encode_chunk(data, chunk_id=new_chunk_id())
+
+    def open_request(self, distid: str) -> bytes:
+        return open_request(self.port, distid)
+
+    def note(self, text: str) -> None:
+        if len(self.notes) < 10:
+            self.notes.append(text)
+
+    # -- opening ---------------------------------------------------------------------------
+    def poll_go(self) -> None:
+        if self.todo or self.opening or self.step >= len(self.steps):
+            return
+        step = self.steps[self.step]
+        if not (self.work / step["go"]).exists():
+            return
+        self.step += 1
+        self.todo = list(range(step["first"] + step["count"] - 1, step["first"] - 1, -1))
+        for _ in range(self.concurrency):
+            self.open_next()
+
+    def open_next(self) -> None:
+        if not self.todo or self.stopping:
+            return
+        from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, wrapClientTLS
+
+        index = self.todo.pop()
+        tunnel = SATunnel(self, index, push.distid_for(index))
+        self.opening += 1
+        endpoint = wrapClientTLS(self.tls, TCP4ClientEndpoint(self.reactor, "127.0.0.1",
+                                                              self.port, timeout=30))
+        d = connectProtocol(endpoint, tunnel)
+        d.addErrback(lambda f: tunnel.fail(f"connect failed: {f.getErrorMessage()}"))
+
+    def confirmed(self, tunnel: SATunnel) -> None:
+        self.counts["confirmed"] += 1
+        self.buckets[tunnel.index % self.echo_interval].append(tunnel)
+        self.opening -= 1
+        self.open_next()
+
+    def failed(self, tunnel: SATunnel, phase: int, reason: str) -> None:
+        if phase == _READY:
+            self.counts["lost"] += 1
+            bucket = self.buckets[tunnel.index % self.echo_interval]
+            with contextlib.suppress(ValueError):
+                bucket.remove(tunnel)
+        else:
+            self.counts["failed"] += 1
+            self.opening -= 1
+            self.open_next()
+        self.note(f"{tunnel.distid}: {reason}")
+
+    # -- keep-alive and reporting ------------------------------------------------------------
+    def echo_tick(self) -> None:
+        """Each tunnel sends an echo-request once per interval, spread over the interval."""
+        bucket = self.buckets[self.tick % self.echo_interval]
+        self.tick += 1
+        for tunnel in bucket:
+            if tunnel.phase == _READY:
+                tunnel.transport.write(ECHO_REQUEST)
+                self.counts["echo_sent"] += 1
+
+    def write_status(self) -> None:
+        status = dict(self.counts, step=self.step, opening=self.opening, todo=len(self.todo),
+                      notes=self.notes, pid=os.getpid())
+        tmp = self.work / f"status-{self.name}.tmp"
+        tmp.write_text(json.dumps(status))
+        tmp.replace(self.work / f"status-{self.name}.json")
+
+
+def serve_tunnels(args: argparse.Namespace) -> None:
+    """Child mode: hold the tunnels of one plan until SIGTERM or the deadline."""
+    from twisted.internet import reactor, task
+    from twisted.logger import globalLogBeginner
+
+    globalLogBeginner.beginLoggingTo([], discardBuffer=True, redirectStandardIO=False)
+    work = args.sa_client
+    plan = json.loads((work / f"plan-{args.name}.json").read_text())
+    fleet = Fleet(reactor, work, args.name, args.proxy_port, plan, args.echo_interval,
+                  args.open_concurrency, args.tls_max)
+
+    def stopping() -> None:
+        fleet.stopping = True
+
+    reactor.addSystemEventTrigger("before", "shutdown", stopping)
+    task.LoopingCall(fleet.poll_go).start(0.05)
+    task.LoopingCall(fleet.echo_tick).start(1.0, now=False)
+    task.LoopingCall(fleet.write_status).start(0.25)
+    reactor.callLater(args.timeout, reactor.stop)
+    reactor.run()
+
+
+# -- armsproxy in a child process, with a measuring hook ----------------------------------------
+
+# Runs in armsproxy's process before twistd. On SIGUSR2 it reads hook.request and writes
+# hook-TAG.json: VmRSS before and after gc.collect() and malloc_trim(0), optionally object
+# counts by type, mallinfo2 and a tracemalloc diff against the previous snapshot.
+_PROXY_BOOT = r'''
+import gc, json, os, signal, sys
+_dir = os.environ["BENCH_HOOK_DIR"]
+_frames = int(os.environ.get("BENCH_TRACEMALLOC", "0"))
+if _frames:
+    import tracemalloc
+    tracemalloc.start(_frames)
+_last = {}
+
+def _status():
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "RssAnon", "RssFile"):
+                out[key] = int(value.split()[0])
+    return out
+
+def _mallinfo():
+    import ctypes
+    class M(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks",
+                    "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+    libc = ctypes.CDLL(None)
+    libc.mallinfo2.restype = M
+    m = libc.mallinfo2()
+    return {"in_use": m.uordblks + m.hblkhd, "free": m.fordblks}
+
+def _hook(signum, frame):
+    try:
+        with open(os.path.join(_dir, "hook.request")) as f:
+            request = json.load(f)
+        tag = request["tag"]
+        out = {"before": _status()}
+        gc.collect()
+        out["after_gc"] = _status()
+        if request.get("objects"):
+            out["malloc"] = _mallinfo()
+            out["blocks"] = sys.getallocatedblocks()
+            counts, sizes = {}, {}
+            for o in gc.get_objects():
+                t = type(o)
+                module = t.__dict__.get("__module__")
+                name = f"{module if isinstance(module, str) else '?'}.{t.__qualname__}"
+                counts[name] = counts.get(name, 0) + 1
+                sizes[name] = sizes.get(name, 0) + sys.getsizeof(o)
+            out["objects"] = counts
+            out["sizes"] = sizes
+        if _frames and request.get("trace"):
+            snap = tracemalloc.take_snapshot().filter_traces(
+                [tracemalloc.Filter(False, tracemalloc.__file__)])
+            out["traced"] = tracemalloc.get_traced_memory()[0]
+            out["tracemalloc_overhead"] = tracemalloc.get_tracemalloc_memory()
+            previous = _last.get("snap")
+            _last["snap"] = snap
+            if previous is not None:
+                out["trace_diff"] = [
+                    ["; ".join(f"{fr.filename.rsplit('site-packages/', 1)[-1]}:{fr.lineno}"
+                               for fr in s.traceback), s.size_diff, s.count_diff]
+                    for s in snap.compare_to(previous, "traceback")[:40]]
+            snap = previous = None
+        import ctypes
+        ctypes.CDLL(None).malloc_trim(0)
+        out["after_trim"] = _status()
+    except Exception as e:
+        out = {"error": repr(e)}
+        tag = "error"
+    tmp = os.path.join(_dir, f"hook-{tag}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(out, f)
+    os.replace(tmp, os.path.join(_dir, f"hook-{tag}.json"))
+
+signal.signal(signal.SIGUSR2, _hook)
+from twisted.scripts.twistd import run
+run()
+'''
+
+
+def proc_status(pid: int) -> dict[str, int]:
+    """VmRSS, RssAnon, RssFile of a process, in KiB."""
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "RssAnon", "RssFile"):
+            out[key] = int(value.split()[0])
+    return out
+
+
+def hook(pid: int, work: Path, tag: str, *, objects: bool = False, trace: bool = False,
+         timeout: float = 120.0) -> dict[str, Any]:
+    """Ask armsproxy's hook for a reading; wait for it."""
+    (work / "hook.request").write_text(json.dumps({"tag": tag, "objects": objects,
+                                                   "trace": trace}))
+    os.kill(pid, signal.SIGUSR2)
+    target = work / f"hook-{tag}.json"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if target.exists():
+            return dict(json.loads(target.read_text()))
+        if (work / "hook-error.json").exists():
+            raise SystemExit(f"armsproxy hook failed: {(work / 'hook-error.json').read_text()}")
+        time.sleep(0.05)
+    raise SystemExit(f"armsproxy hook: no answer for {tag} in {timeout:.0f} s")
+
+
+def wait_quiet(pid: int, *, limit: float, threshold: float = 0.15, window: float = 1.0,
+               windows: int = 3) -> float:
+    """Wait until the process uses < threshold of a core over ``windows`` windows in a row;
+    return the seconds waited (``limit`` at most)."""
+    start = time.monotonic()
+    calm = 0
+    before = push.cpu_seconds(pid)
+    while time.monotonic() - start < limit:
+        time.sleep(window)
+        now = push.cpu_seconds(pid)
+        calm = calm + 1 if (now - before) / window < threshold else 0
+        before = now
+        if calm >= windows:
+            break
+    return time.monotonic() - start
+
+
+# -- orchestration helpers ----------------------------------------------------------------------
+
+
+@dataclass
+class Clients:
+    """The SA processes and their status files."""
+
+    work: Path
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    def start(self, name: str, plan: dict[str, Any], args: argparse.Namespace, port: int,
+              concurrency: int, remaining: float) -> None:
+        (self.work / f"plan-{name}.json").write_text(json.dumps(plan))
+        self.procs[name] = push.spawn(
+            [str(Path(__file__).resolve()), "--sa-client", str(self.work), "--name", name,
+             "--proxy-port", str(port), "--echo-interval", str(args.echo_interval),
+             "--open-concurrency", str(concurrency), "--tls-max", args.tls_max,
+             "--timeout", str(max(remaining, 1.0))],
+            self.work, self.work / f"client-{name}.log")
+
+    def status(self) -> dict[str, dict[str, Any]]:
+        out = {}
+        for name in self.procs:
+            path = self.work / f"status-{name}.json"
+            with contextlib.suppress(OSError, ValueError):
+                out[name] = json.loads(path.read_text())
+        return out
+
+    def total(self, key: str) -> int:
+        return sum(int(s.get(key, 0)) for s in self.status().values())
+
+    def notes(self) -> list[str]:
+        return [n for s in self.status().values() for n in s.get("notes", [])]
+
+    def check_alive(self) -> None:
+        for name, proc in self.procs.items():
+            if proc.poll() is not None:
+                log = self.work / f"client-{name}.log"
+                raise SystemExit(f"SA process {name} exited with {proc.returncode}:\n"
+                                 f"{push._tail(log)}")
+
+    def wait_confirmed(self, expected: int, proxy: subprocess.Popen[bytes], limit: float,
+                       what: str) -> tuple[float, int]:
+        """Until confirmed + failed reaches ``expected``; (seconds, failed)."""
+        start = time.monotonic()
+        last_report = start
+        while time.monotonic() - start < limit:
+            self.check_alive()
+            if proxy.poll() is not None:
+                raise SystemExit(f"armsproxy exited with {proxy.returncode}")
+            confirmed, failed = self.total("confirmed"), self.total("failed")
+            if confirmed + failed >= expected:
+                return time.monotonic() - start, failed
+            if time.monotonic() - last_report > 10:
+                last_report = time.monotonic()
+                print(f"  ... {what}: {confirmed} of {expected} confirmed, {failed} failed",
+                      flush=True)
+            time.sleep(0.1)
+        raise SystemExit(f"{what}: only {self.total('confirmed')} of {expected} tunnels "
+                         f"confirmed after {limit:.0f} s; notes: {self.notes()[:5]}")
+
+    def pids(self) -> dict[str, int]:
+        return {f"SA process {name}": p.pid for name, p in self.procs.items()}
+
+
+def register_sas(db_path: Path, count: int) -> float:
+    """All bench SAs in the demo RS database, in one transaction; the seconds it took."""
+    from armsproxy.demo_rs import db as demo_db
+
+    started = time.monotonic()
+    module_id, version, location = MODULE.split(":", 2)
+    module = demo_db.Module(int(module_id), version, 1, location)
+    conn = demo_db.connect(db_path)
+    try:
+        cur = conn.cursor()
+        for i in range(count):
+            demo_db.register_sa(cur, demo_db.SARegistration(
+                distid=push.distid_for(i), key=KEY, push_methods=["https-tunnel"],
+                modules=[module]))
+        conn.commit()
+    finally:
+        conn.close()
+    return time.monotonic() - started
+
+
+def gate_proxy(port: int) -> xmlrpc.client.ServerProxy:
+    return xmlrpc.client.ServerProxy(f"http://127.0.0.1:{port}/RPC2", allow_none=False)
+
+
+def push_and_wait(gate: xmlrpc.client.ServerProxy, distids: Sequence[str], tag: str,
+                  timeout: float = 120.0) -> Counter[str]:
+    """Synchronously: every operation kind to every SA, then wait until all are final."""
+    t0 = time.time()
+    orders = [(d, op) for d in distids for op in OPERATIONS]
+    wanted = {gate.push.submit({"distribution_id": d, "operation": op,
+                                "request_id": f"{tag}-{i}"})
+              for i, (d, op) in enumerate(orders)}
+    deadline = time.monotonic() + timeout
+    while gate.push.list({"states": NOT_FINAL, "limit": 1})["operations"]:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"{tag}: operations not final after {timeout:.0f} s")
+        time.sleep(0.1)
+    states: Counter[str] = Counter()
+    offset: int | None = 0
+    while offset is not None:
+        page = gate.push.list({"since": t0 - 1.0, "limit": PAGE, "offset": offset})
+        for op in page["operations"]:
+            if op["operation_id"] in wanted:
+                states[op["state"]] += 1
+        offset = page.get("next_offset")
+    return states
+
+
+def count_live_tunnels(gate: xmlrpc.client.ServerProxy) -> int:
+    """SAs with at least one live tunnel according to armsproxy (sa.list)."""
+    live, offset = 0, 0
+    while True:
+        page = gate.sa.list({"confirmed": True, "limit": PAGE, "offset": offset})
+        live += sum(1 for sa in page["sas"] if sa.get("tunnels"))
+        if "next_offset" not in page:
+            return live
+        offset = page["next_offset"]
+
+
+# -- the RS side of the operations phase ----------------------------------------------------
+
+
+class _RPCConnection(Protocol):
+    """One persistent HTTP/1.1 connection to the RS gate, one call at a time."""
+
+    def __init__(self, pool: RPCPool) -> None:
+        self.pool = pool
+        self.buffer = bytearray()
+        self.waiting: Any = None  # Deferred[tuple[float, bytes]]
+        self.sent_at = 0.0
+
+    def connectionMade(self) -> None:
+        self.pool.idle.append(self)
+        self.pool.pump()
+
+    def send(self, body: bytes, d: Any) -> None:
+        self.waiting = d
+        self.sent_at = time.time()
+        self.transport.write(
+            b"POST /RPC2 HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: text/xml\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(body) + body)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.buffer += data
+        end = self.buffer.find(b"\r\n\r\n")
+        if end < 0:
+            return
+        head = bytes(self.buffer[:end]).lower()
+        found = re.search(rb"\r\ncontent-length: *([0-9]+)", head)
+        if found is None or not head.startswith(b"http/1.1 200"):
+            self.transport.loseConnection()
+            self._fail(RuntimeError(f"RS gate answered {head[:200]!r}"))
+            return
+        total = end + 4 + int(found.group(1))
+        if len(self.buffer) < total:
+            return
+        body = bytes(self.buffer[end + 4 : total])
+        del self.buffer[:total]
+        d, self.waiting = self.waiting, None
+        self.pool.idle.append(self)
+        self.pool.pump()
+        if d is not None:
+            d.callback((self.sent_at, body))
+
+    def _fail(self, error: Exception) -> None:
+        d, self.waiting = self.waiting, None
+        if d is not None:
+            d.errback(error)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        with contextlib.suppress(ValueError):
+            self.pool.idle.remove(self)
+        self.pool.connections.discard(self)
+        self._fail(RuntimeError(f"RS gate connection lost: {reason.getErrorMessage()}"))
+
+
+class RPCPool:
+    """XML-RPC over ``size`` persistent connections; calls queue for a free one."""
+
+    def __init__(self, reactor: Any, port: int, size: int) -> None:
+        self.reactor = reactor
+        self.port = port
+        self.size = size
+        self.idle: list[_RPCConnection] = []
+        self.connections: set[_RPCConnection] = set()
+        self.queue: list[tuple[bytes, Any]] = []
+
+    async def start(self) -> None:
+        from twisted.internet import defer
+        from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+
+        endpoint = TCP4ClientEndpoint(self.reactor, "127.0.0.1", self.port)
+        protocols = [_RPCConnection(self) for _ in range(self.size)]
+        await defer.gatherResults([connectProtocol(endpoint, p) for p in protocols],
+                                  consumeErrors=True)
+        self.connections.update(protocols)
+
+    def pump(self) -> None:
+        while self.queue and self.idle:
+            body, d = self.queue.pop(0)
+            self.idle.pop().send(body, d)
+
+    def call_raw(self, body: bytes) -> Any:
+        """Deferred[(wall clock when written, response body)]."""
+        from twisted.internet import defer
+
+        d: defer.Deferred[tuple[float, bytes]] = defer.Deferred()
+        if not self.connections:
+            d.errback(RuntimeError("no connection to the RS gate left"))
+            return d
+        self.queue.append((body, d))
+        self.pump()
+        return d
+
+    async def call(self, method: str, *args: Any) -> Any:
+        _, data = await self.call_raw(xmlrpc.client.dumps(args, method).encode("utf-8"))
+        (result,), _ = xmlrpc.client.loads(data)
+        return result
+
+    def close(self) -> None:
+        for conn in list(self.connections):
+            conn.transport.loseConnection()
+
+
+@dataclass
+class OpsResult:
+    mode: str
+    submitted: int
+    latencies: list[float]
+    states: Counter[str]
+    elapsed: float  # first submit -> last final
+    submit_span: float  # first -> last submit written
+    lag_p99: float = 0.0  # open loop: how late submits were written vs their schedule
+    cpu: dict[str, float] = field(default_factory=dict)
+    cpu_wall: float = 1.0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def rate(self) -> float:
+        return len(self.latencies) / self.elapsed if self.elapsed > 0 else 0.0
+
+
+async def open_loop(pool: RPCPool, distids: Sequence[str], total: int, rate: float,
+                    tag: str) -> OpsResult:
+    """Submit operation i at t0 + i/rate; then wait for all to be final and read them."""
+    from twisted.internet import defer, reactor, task
+
+    sent: dict[str, float] = {}
+    lags: list[float] = []
+    errors: list[str] = []
+
+    def submitted(answer: tuple[float, bytes], due: float) -> None:
+        at, data = answer
+        try:
+            (op_id,), _ = xmlrpc.client.loads(data)
+        except xmlrpc.client.Fault as e:
+            errors.append(e.faultString)
+            return
+        sent[op_id] = at
+        lags.append(at - due)
+
+    def refused(failure: Any) -> None:
+        errors.append(failure.getErrorMessage())
+
+    calls = []
+    wall0 = time.time()
+    t0 = time.monotonic()
+    i = 0
+    while i < total:
+        due_now = min(total, int((time.monotonic() - t0) * rate) + 1)
+        while i < due_now:
+            order = {"distribution_id": distids[i % len(distids)],
+                     "operation": OPERATIONS[(i // len(distids)) % len(OPERATIONS)],
+                     "request_id": f"{tag}-{i}"}
+            d = pool.call_raw(xmlrpc.client.dumps((order,), "push.submit").encode("utf-8"))
+            d.addCallbacks(submitted, refused, callbackArgs=(wall0 + i / rate,))
+            calls.append(d)
+            i += 1
+        delay = t0 + i / rate - time.monotonic()
+        await task.deferLater(reactor, max(delay, 0.0), lambda: None)
+    await defer.gatherResults(calls, consumeErrors=True)
+    finals = await _wait_final(pool, wall0, len(sent))
+    result = _collect("open loop", sent, finals)
+    result.lag_p99 = push.quantile(lags, 99)
+    if errors:
+        result.notes.append(f"{len(errors)} submits refused, e.g. {errors[0]}")
+    return result
+
+
+async def _wait_final(pool: RPCPool, since: float, count: int,
+                      timeout: float = 600.0) -> dict[str, dict[str, Any]]:
+    from twisted.internet import reactor, task
+
+    deadline = time.monotonic() + timeout
+    while (await pool.call("push.list", {"states": NOT_FINAL, "limit": 1}))["operations"]:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{count} operations not final after {timeout:.0f} s")
+        await task.deferLater(reactor, 0.2, lambda: None)
+    finals: dict[str, dict[str, Any]] = {}
+    offset: int | None = 0
+    while offset is not None:
+        page = await pool.call("push.list", {"since": since - 1.0, "limit": PAGE,
+                                             "offset": offset})
+        finals.update((o["operation_id"], o) for o in page["operations"])
+        offset = page.get("next_offset")
+    return finals
+
+
+def _collect(mode: str, sent: dict[str, float], finals: dict[str, dict[str, Any]]) -> OpsResult:
+    latencies: list[float] = []
+    states: Counter[str] = Counter()
+    last = 0.0
+    errors: Counter[str] = Counter()
+    for op_id, at in sent.items():
+        op = finals[op_id]
+        states[op["state"]] += 1
+        last = max(last, op["updated_at"])
+        if op["state"] == "succeeded":
+            latencies.append(op["updated_at"] - at)
+        else:
+            errors[op.get("last_error", "?")] += 1
+    first = min(sent.values()) if sent else 0.0
+    result = OpsResult(mode, len(sent), latencies, states, last - first,
+                       max(sent.values()) - first if sent else 0.0)
+    for error, n in errors.most_common(3):
+        result.notes.append(f"{n} x {error}")
+    return result
+
+
+async def closed_loop(pool: RPCPool, distids: Sequence[str], total: int, concurrency: int,
+                      poll: float, tag: str) -> OpsResult:
+    """bench/push.py's closed loop (latency from the same updated_at)."""
+    mix = [(op, {}) for op in OPERATIONS]
+    phase = await push.push_phase(pool, [{"distid": d} for d in distids], mix, total,
+                                  concurrency, poll, tag)
+    result = OpsResult(f"closed loop, {concurrency} in flight", len(phase.latencies)
+                       + phase.failures, phase.latencies,
+                       Counter(succeeded=len(phase.latencies), other=phase.failures),
+                       phase.elapsed, phase.elapsed)
+    result.notes.extend(phase.notes)
+    return result
+
+
+async def operations(args: argparse.Namespace, gate_port: int, distids: Sequence[str],
+                     pids: dict[str, int]) -> OpsResult:
+    from twisted.internet import reactor
+
+    pool = RPCPool(reactor, gate_port, args.connections)
+    await pool.start()
+
+    proxy_pid = pids["armsproxy"]
+
+    def cpu_now() -> dict[str, float]:
+        now = {name: push.cpu_seconds(pid) for name, pid in pids.items()}
+        # The reactor thread is the one whose id is the process id; SQLite and adbapi pools
+        # are the others.
+        now["armsproxy reactor thread"] = _thread_cpu(proxy_pid, proxy_pid)
+        now["this process (RS)"] = push.cpu_seconds()
+        now["machine"] = push.machine_busy()[0]
+        return now
+
+    before, start = cpu_now(), time.monotonic()
+    try:
+        if args.concurrency:
+            result = await closed_loop(pool, distids, args.operations, args.concurrency,
+                                       args.poll, "bench")
+        else:
+            result = await open_loop(pool, distids, args.operations, args.rate, "bench")
+    finally:
+        pool.close()
+    after = cpu_now()
+    result.cpu_wall = time.monotonic() - start
+    result.cpu = {k: after[k] - before[k] for k in before}
+    return result
+
+
+def _thread_cpu(pid: int, tid: int) -> float:
+    fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# -- py-spy ------------------------------------------------------------------------------------
+
+_FRAME = re.compile(r"^(.*) \((.*?)(:\d+)?\)$")
+# Leaf frames of a thread waiting for work: the reactor in epoll, a pool thread for a task.
+_IDLE = re.compile(r"^(EPollReactor\.doPoll|Condition\.wait|Queue\.get|_wait_for_tstate_lock|"
+                   r"Event\.wait|select|poll) ")
+
+
+def _frame_name(frame: str, *, line: bool = False) -> str:
+    found = _FRAME.match(frame.strip())
+    if not found:
+        return frame.strip()
+    function, path, lineno = found.groups()
+    path = path.rsplit("site-packages/", 1)[-1].split("/work/main/", 1)[-1]
+    return f"{function} ({path}{(lineno or '') if line else ''})"
+
+
+def summarise_profile(raw: Path, seconds: float, rate: int) -> list[str]:
+    """Per thread: how busy, and where (self time by line, inclusive by function).
+
+    py-spy without --idle samples threads that are running; samples whose leaf is the
+    reactor's epoll wait are counted apart (kernel time of the wait, or a stale frame: with
+    --nonblocking the stack is read while the thread runs on).
+    """
+    if not raw.exists():
+        return [f"py-spy wrote nothing to {raw}"]
+    components: Counter[str] = Counter()  # reactor thread: busy samples under each part
+    samples: dict[str, Counter[str]] = {}  # thread -> self time by line
+    inclusive: dict[str, Counter[str]] = {}
+    areas: dict[str, Counter[str]] = {}
+    totals: Counter[str] = Counter()
+    idle: Counter[str] = Counter()
+    for text in raw.read_text(errors="replace").splitlines():
+        stack, _, count_text = text.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        frames = stack.split(";")
+        thread = frames[0].split(":", 1)[-1].strip() or frames[0]
+        totals[thread] += count
+        names = frames[1:]
+        if not names or _IDLE.match(names[-1].strip()):
+            idle[thread] += count
+            continue
+        leaf = _frame_name(names[-1], line=True)
+        samples.setdefault(thread, Counter())[leaf] += count
+        areas.setdefault(thread, Counter())[_area(leaf)] += count
+        inc = inclusive.setdefault(thread, Counter())
+        for name in {_frame_name(f) for f in names}:
+            inc[name] += count
+        if "MainThread" in thread:
+            for part, marker in _COMPONENTS:
+                if any(marker in f for f in names):
+                    components[part] += count
+    if not totals:
+        return ["py-spy: no samples"]
+    expected = seconds * rate
+    lines = [f"py-spy (on-CPU samples), {seconds:.1f} s at {rate} Hz; share of the time each "
+             "thread was sampled running (in epoll_wait / other): " + ", ".join(
+                 f"{t} {n / expected * 100:.0f}% ({idle[t] / expected * 100:.0f}% / "
+                 f"{(n - idle[t]) / expected * 100:.0f}%)" for t, n in totals.most_common(3))]
+    main_busy = sum(n for t, c in samples.items() if "MainThread" in t for n in c.values())
+    if main_busy:
+        lines.append("  MainThread: share of its busy samples under (overlapping): " + ", ".join(
+            f"{part} {n / main_busy * 100:.0f}%" for part, n in components.most_common()))
+    busiest = sorted(samples, key=lambda t: -sum(samples[t].values()))[:2]
+    for thread in busiest:
+        busy = sum(samples[thread].values())
+        lines.append(f"  {thread}: by area (leaf frame) " + ", ".join(
+            f"{a} {n / busy * 100:.0f}%" for a, n in areas[thread].most_common(8)))
+        lines.append(f"  {thread}: self time by line (% of its busy samples)")
+        lines.extend(f"    {n / busy * 100:5.1f}%  {name}"
+                     for name, n in samples[thread].most_common(12))
+        lines.append(f"  {thread}: inclusive, armsproxy functions")
+        shown = [(name, n) for name, n in inclusive[thread].most_common()
+                 if "armsproxy/" in name][:15]
+        lines.extend(f"    {n / busy * 100:5.1f}%  {name}" for name, n in shown)
+    return lines
+
+
+_COMPONENTS = (
+    ("push engine", "armsproxy/push/engine.py"), ("tunnel session", "armsproxy/tunnel/"),
+    ("TLS (twisted + pyOpenSSL)", "twisted/protocols/tls.py"),
+    ("RS gate", "armsproxy/rs_gate/"), ("twisted.web", "twisted/web/"),
+    ("store calls (reactor side)", "armsproxy/store/"), ("ARMS codec", "armsproxy/arms/codec"),
+    ("logging", "twisted/logger/"), ("event outbox", "armsproxy/push/outbox"),
+    ("RS client", "armsproxy/rs_client/"), ("demo RS", "armsproxy/demo_rs/"),
+)
+
+
+def _area(path: str) -> str:
+    for prefix, area in (("armsproxy/store", "armsproxy.store"), ("armsproxy/", "armsproxy"),
+                         ("twisted/web", "twisted.web"),
+                         ("twisted/protocols/tls", "twisted TLS"), ("OpenSSL", "pyOpenSSL"),
+                         ("cryptography", "cryptography"), ("twisted/logger", "twisted.logger"),
+                         ("twisted/internet", "twisted.internet"),
+                         ("twisted/enterprise", "adbapi"), ("twisted/python", "twisted.python"),
+                         ("xmlschema", "xmlschema"), ("lxml", "lxml"), ("xmlrpc", "xmlrpc"),
+                         ("elementpath", "elementpath"), ("sqlite3", "sqlite3"),
+                         ("twisted", "twisted other")):
+        if prefix in path:
+            return area
+    return path.rsplit("(", 1)[-1].rstrip(")").rsplit("/", 1)[-1] or "?"
+
+
+# -- the run -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Memory:
+    """armsproxy VmRSS readings (KiB) and what they mean per tunnel."""
+
+    start: int = 0
+    baseline: int = 0
+    steps: list[tuple[int, int]] = field(default_factory=list)  # (tunnels, VmRSS)
+    idle: int = 0
+    after_gc: int = 0
+    after_trim: int = 0
+    after_ops: int = 0
+    # (tunnels, VmRSS, CPU seconds so far) per SA process
+    sa_side: list[tuple[int, int, float]] = field(default_factory=list)
+
+    def per_tunnel(self, rss: int, n: int) -> float:
+        return (rss - self.baseline) / n if n else 0.0
+
+
+def raise_fd_limit(needed: int) -> tuple[int, int]:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, needed)
+    if soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)
+
+
+def diagnose_lines(base: dict[str, Any], full: dict[str, Any], n: int) -> list[str]:
+    lines = []
+    if "malloc" in base and "malloc" in full:
+        in_use = (full["malloc"]["in_use"] - base["malloc"]["in_use"]) / n / KIB
+        free = (full["malloc"]["free"] - base["malloc"]["free"]) / n / KIB
+        blocks = (full["blocks"] - base["blocks"]) / n
+        lines.append(f"  malloc in use +{in_use:.1f} KiB/tunnel (OpenSSL, SQLite, Python objects "
+                     f"> 512 B), malloc free +{free:.1f} KiB/tunnel; Python blocks "
+                     f"+{blocks:.0f}/tunnel")
+    if "objects" in base and "objects" in full:
+        diff = Counter(full["objects"])
+        diff.subtract(base["objects"])
+        sizes = Counter(full["sizes"])
+        sizes.subtract(base["sizes"])
+        top = [(t, c) for t, c in diff.most_common(22) if c / n >= 0.5]
+        total = sum(v for v in sizes.values() if v > 0) / n
+        lines.append(f"  GC-tracked objects per tunnel (shallow sizes, {total / KIB:.1f} KiB "
+                     "in all; bytes/str/int are not tracked):")
+        lines.extend(f"    {c / n:6.2f} x {t} ({sizes[t] / n:.0f} B)" for t, c in top)
+    if "traced" in base and "traced" in full:
+        traced = (full["traced"] - base["traced"]) / n / KIB
+        overhead = (full["tracemalloc_overhead"] - base["tracemalloc_overhead"]) / n / KIB
+        lines.append(f"  tracemalloc: Python allocations +{traced:.1f} KiB/tunnel "
+                     f"(tracemalloc's own bookkeeping +{overhead:.1f} KiB/tunnel); biggest:")
+        for where, size, count in full.get("trace_diff", [])[:25]:
+            lines.append(f"    {size / n:7.0f} B {count / n:5.2f} x  {where}")
+    return lines
+
+
+def run(args: argparse.Namespace) -> int:
+    started = time.monotonic()
+
+    def remaining() -> float:
+        left = args.timeout - (time.monotonic() - started)
+        if left <= 0:
+            raise SystemExit(f"the run took longer than --timeout {args.timeout:.0f} s")
+        return left
+
+    limits = raise_fd_limit(args.tunnels + args.warm + 1000)
+    if limits[0] < args.tunnels + args.warm + 200:
+        raise SystemExit(f"file-descriptor limit {limits[0]} too low for {args.tunnels} tunnels")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("terminated"))
+    n, w = args.tunnels, args.warm
+    with tempfile.TemporaryDirectory(prefix="armsproxy-bench-tunnels-",
+                                     dir=args.tmp_dir) as tmp:
+        work = Path(tmp)
+        clients = Clients(work)
+        proxy: subprocess.Popen[bytes] | None = None
+        profiler: subprocess.Popen[bytes] | None = None
+        try:
+            sa_port, rs_port, gate_port = push.free_port(), push.free_port(), push.free_port()
+            proxy_log = work / "proxy.log"
+            env_extra = {"BENCH_HOOK_DIR": str(work)}
+            if args.tracemalloc:
+                env_extra["BENCH_TRACEMALLOC"] = str(args.tracemalloc)
+            with _environ(env_extra):
+                proxy = push.spawn(
+                    ["-c", _PROXY_BOOT, "-n", "--pidfile=", "--logfile=/dev/null", "armsproxy",
+                     "--data-dir", str(work / "data"), "--port", str(sa_port), "--rs-port",
+                     str(rs_port), "--rs-gate-port", str(gate_port)], work, proxy_log)
+            push.wait_until(lambda: push.port_open(sa_port)() and push.port_open(gate_port)()
+                            and push.port_open(rs_port)(), proxy, proxy_log, "armsproxy", 60)
+            reg_seconds = register_sas(work / "data" / "demo-rs.sqlite", w + n)
+            print(f"tunnel benchmark: armsproxy pid {proxy.pid}, {n} tunnels (+{w} warm-up) "
+                  f"from {args.clients} SA processes, echo every {args.echo_interval} s, "
+                  f"fd limit {limits[0]}; registered {w + n} SAs in the demo RS database in "
+                  f"{reg_seconds:.2f} s", flush=True)
+            wait_quiet(proxy.pid, limit=20)
+            memory = Memory(start=proc_status(proxy.pid)["VmRSS"])
+            gate = gate_proxy(gate_port)
+
+            # Warm-up tunnels, pushed to once each: one-time costs before the baseline.
+            per_client = max(args.open_concurrency // args.clients, 1)
+            clients.start("warm", {"steps": [{"go": "go-warm", "first": 0, "count": w}]},
+                          args, sa_port, per_client, remaining())
+            (work / "go-warm").touch()
+            clients.wait_confirmed(w, proxy, min(remaining(), 120), "warm-up tunnels")
+            states = push_and_wait(gate, [push.distid_for(i) for i in range(w)], "warm")
+            if set(states) != {"succeeded"}:
+                raise SystemExit(f"warm-up operations did not all succeed: {dict(states)}; "
+                                 f"notes: {clients.notes()[:5]}")
+            wait_quiet(proxy.pid, limit=min(remaining(), 60))
+            memory.baseline = proc_status(proxy.pid)["VmRSS"]
+            base_hook: dict[str, Any] = {}
+            if args.diagnose or args.tracemalloc:
+                base_hook = hook(proxy.pid, work, "base", objects=args.diagnose,
+                                 trace=bool(args.tracemalloc))
+                wait_quiet(proxy.pid, limit=min(remaining(), 30))
+
+            # The measured tunnels, in steps, spread over the SA processes.
+            plans: list[list[dict[str, Any]]] = [[] for _ in range(args.clients)]
+            first = w
+            for step in range(args.steps):
+                size = n * (step + 1) // args.steps - n * step // args.steps
+                for c in range(args.clients):
+                    share = size * (c + 1) // args.clients - size * c // args.clients
+                    plans[c].append({"go": f"go-{step}", "first": first, "count": share})
+                    first += share
+            for c, plan in enumerate(plans):
+                clients.start(f"sa{c}", {"steps": plan}, args, sa_port, per_client, remaining())
+            failed_total, open_seconds = 0, 0.0
+            for step in range(args.steps):
+                target = w + n * (step + 1) // args.steps
+                cpu_before = push.cpu_seconds(proxy.pid)
+                (work / f"go-{step}").touch()
+                seconds, failed = clients.wait_confirmed(target, proxy, remaining(),
+                                                         f"step {step + 1}")
+                open_seconds += seconds
+                failed_total = failed
+                quiet = wait_quiet(proxy.pid, limit=min(remaining(), 120))
+                rss = proc_status(proxy.pid)["VmRSS"]
+                opened = clients.total("confirmed") - w - (memory.steps[-1][0]
+                                                            if memory.steps else 0)
+                setup_cpu = (push.cpu_seconds(proxy.pid) - cpu_before) / max(opened, 1)
+                memory.steps.append((clients.total("confirmed") - w, rss))
+                print(f"  step {step + 1}: {memory.steps[-1][0]} tunnels confirmed in "
+                      f"{seconds:.1f} s ({failed} failed), armsproxy quiet after {quiet:.1f} s "
+                      f"(CPU {setup_cpu * 1000:.1f} ms per tunnel set up: TLS handshake, key "
+                      f"check, confirmation relay, store, RS event), VmRSS {rss / KIB:.1f} MiB",
+                      flush=True)
+            confirmed_n = clients.total("confirmed") - w
+            time.sleep(min(args.idle, remaining()))
+            memory.idle = proc_status(proxy.pid)["VmRSS"]
+            full_hook = hook(proxy.pid, work, "full", objects=args.diagnose,
+                             trace=bool(args.tracemalloc))
+            memory.after_gc = full_hook["after_gc"]["VmRSS"]
+            memory.after_trim = full_hook["after_trim"]["VmRSS"]
+            for name, status in clients.status().items():
+                if name != "warm":
+                    pid = int(status["pid"])
+                    memory.sa_side.append((int(status.get("confirmed", 0)),
+                                           proc_status(pid)["VmRSS"], push.cpu_seconds(pid)))
+            live = count_live_tunnels(gate)
+
+            # Operations over the measured tunnels.
+            distids = [push.distid_for(i) for i in range(w, w + n)]
+            pids = {"armsproxy": proxy.pid, **clients.pids()}
+            raw = work / "profile.raw"
+            if args.profile:
+                profiler = subprocess.Popen(
+                    ["py-spy", "record", "--pid", str(proxy.pid), "--rate", "250",
+                     "--format", "raw", "--output", str(raw), "--nonblocking", "--threads"],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                time.sleep(1.0)  # py-spy attaches
+            profile_start = time.monotonic()
+            result = push.run_reactor(lambda: operations(args, gate_port, distids, pids),
+                                      remaining())
+            profile_lines: list[str] = []
+            if profiler is not None:
+                profile_seconds = time.monotonic() - profile_start
+                profiler.send_signal(signal.SIGINT)
+                profiler.wait(timeout=30)
+                profiler = None
+                profile_lines = summarise_profile(raw, profile_seconds, 250)
+                with contextlib.suppress(OSError):
+                    args.profile.write_bytes(raw.read_bytes())
+            memory.after_ops = proc_status(proxy.pid)["VmRSS"]
+            time.sleep(0.6)  # the SA processes' status files are rewritten every 0.25 s
+            report(args, memory, confirmed_n, failed_total, open_seconds, live, result,
+                   clients, base_hook, full_hook, profile_lines)
+        finally:
+            if profiler is not None and profiler.poll() is None:
+                profiler.kill()
+            if proxy is not None:
+                push.stop(proxy)
+            for proc in clients.procs.values():
+                push.stop(proc)
+    return 0
+
+
+@contextlib.contextmanager
+def _environ(extra: dict[str, str]) -> Any:
+    saved = {k: os.environ.get(k) for k in extra}
+    os.environ.update(extra)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def report(args: argparse.Namespace, memory: Memory, n: int, failed: int, open_seconds: float,
+           live: int, result: OpsResult, clients: Clients, base_hook: dict[str, Any],
+           full_hook: dict[str, Any], profile_lines: list[str]) -> None:
+    mib = KIB
+    print(f"\ntunnels: {n} confirmed ({failed} failed) in {open_seconds:.1f} s "
+          f"({n / max(open_seconds, 1e-9):.0f}/s); armsproxy lists {live} SAs with a live "
+          f"tunnel (incl. {args.warm} warm-up)")
+    print(f"armsproxy VmRSS: start {memory.start / mib:.1f} MiB, baseline with {args.warm} "
+          f"warm tunnels {memory.baseline / mib:.1f} MiB")
+    previous = (0, memory.baseline)
+    for tunnels, rss in memory.steps:
+        print(f"  {tunnels:6d} tunnels: {rss / mib:7.1f} MiB  average "
+              f"{memory.per_tunnel(rss, tunnels):5.1f} KiB/tunnel, this step "
+              f"{(rss - previous[1]) / max(tunnels - previous[0], 1):5.1f} KiB/tunnel")
+        previous = (tunnels, rss)
+    idle_kib = memory.per_tunnel(memory.idle, n)
+    print(f"  after {args.idle:.0f} s more idle: {memory.idle / mib:.1f} MiB -> {idle_kib:.1f} "
+          f"KiB/tunnel; after gc.collect(): {memory.per_tunnel(memory.after_gc, n):.1f}; "
+          f"after malloc_trim(0): {memory.per_tunnel(memory.after_trim, n):.1f} KiB/tunnel")
+    if args.diagnose or args.tracemalloc:
+        print("  (--diagnose/--tracemalloc: the baseline reading came before the diagnostic "
+              "hook ran, whose transient allocations blur the figures above; use them for "
+              "attribution)")
+        for line in diagnose_lines(base_hook, full_hook, n):
+            print(line)
+    for tunnels, rss, cpu in memory.sa_side:
+        print(f"  SA process: {tunnels} tunnels, VmRSS {rss / mib:.1f} MiB "
+              f"({rss / max(tunnels, 1):.1f} KiB/tunnel including the interpreter), CPU "
+              f"{cpu / max(tunnels, 1) * 1000:.1f} ms/tunnel so far (start-up included)")
+    print(f"  after the operations: {memory.after_ops / mib:.1f} MiB")
+
+    ok = len(result.latencies)
+    p50 = push.quantile(result.latencies, 50) * 1000
+    p99 = push.quantile(result.latencies, 99) * 1000
+    offered = (f"offered {args.rate:.0f}/s, submits written at "
+               f"{result.submitted / max(result.submit_span, 1e-9):.0f}/s (p99 "
+               f"{result.lag_p99 * 1000:.0f} ms behind schedule)" if not args.concurrency
+               else "")
+    print(f"\noperations ({result.mode}): {result.submitted} submitted, {ok} succeeded, "
+          f"{dict(result.states)}; {offered}")
+    print(f"  achieved {result.rate:.0f} ops/s over {result.elapsed:.2f} s; submit -> final "
+          f"p50 {p50:.1f} ms, p99 {p99:.1f} ms, max "
+          f"{max(result.latencies, default=0) * 1000:.0f} ms")
+    busy = {k: v for k, v in result.cpu.items() if k != "machine"}
+    ops = max(result.submitted, 1)
+    print("  CPU per operation: " + ", ".join(
+        f"{k} {v / ops * 1000:.2f} ms" for k, v in busy.items() if v / result.cpu_wall > 0.02)
+        + "; busy: " + ", ".join(f"{k} {v / result.cpu_wall * 100:.0f}%"
+                                 for k, v in busy.items() if v / result.cpu_wall > 0.02)
+        + f"; machine {result.cpu.get('machine', 0) / result.cpu_wall * 100:.0f}% of one core "
+        f"({os.cpu_count()} cores)")
+    for note in result.notes:
+        print(f"  {note}")
+    counts = {k: clients.total(k) for k in ("answered", "echo_sent", "echo_answered", "lost",
+                                            "unexpected")}
+    print(f"  SA side (tunnels lost after confirmation, answers, echoes): {counts}")
+    if counts["lost"] or counts["unexpected"]:
+        print(f"  SA notes: {clients.notes()[:5]}")
+    for line in profile_lines:
+        print(line)
+
+    rss_ok = idle_kib <= 20.0
+    rate_ok = result.rate >= 0.98 * 1000
+    p99_ok = p99 <= 20.0 and rate_ok
+    print(f"\nSUMMARY tunnels={n} rss/tunnel={idle_kib:.1f} KiB "
+          f"(<= 20 KiB: {'met' if rss_ok else 'NOT met'}) ops/s={result.rate:.0f} "
+          f"(1000: {'met' if rate_ok else 'NOT met'}) p50={p50:.1f} ms p99={p99:.1f} ms "
+          f"(<= 20 ms at 1000 ops/s: {'met' if p99_ok else 'NOT met'})")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("-n", "--tunnels", type=int, default=1000, help="idle tunnels (N)")
+    parser.add_argument("-m", "--operations", type=int, default=2000, help="operations (M)")
+    parser.add_argument("--rate", type=float, default=1000.0,
+                        help="open loop: operations submitted per second (default 1000)")
+    parser.add_argument("-c", "--concurrency", type=int, default=None,
+                        help="closed loop instead: orders in flight")
+    parser.add_argument("--poll", type=float, default=0.005,
+                        help="closed loop: seconds between push.list polls")
+    parser.add_argument("--connections", type=int, default=64,
+                        help="persistent connections to the RS gate (open loop)")
+    parser.add_argument("--clients", type=int, default=2, help="SA-side processes")
+    parser.add_argument("--echo-interval", type=int, default=60,
+                        help="seconds between a tunnel's echo-requests (armsproxy's embedded "
+                             "default expects one at least every 130 s)")
+    parser.add_argument("--open-concurrency", type=int, default=32,
+                        help="tunnels being set up at a time, all SA processes together")
+    parser.add_argument("--tls-max", choices=("1.2", "1.3"), default="1.3",
+                        help="highest TLS version the SAs offer (libarms devices speak 1.0 "
+                             "only; the embedded default accepts 1.2 and up)")
+    parser.add_argument("--tmp-dir", type=Path, default=None,
+                        help="where the temporary directory (armsproxy's data: SQLite) goes; "
+                             "e.g. /dev/shm to take fsync out of the picture")
+    parser.add_argument("--warm", type=int, default=20,
+                        help="warm-up tunnels open before the baseline reading")
+    parser.add_argument("--steps", type=int, default=2,
+                        help="open the N tunnels in this many steps, RSS after each")
+    parser.add_argument("--idle", type=float, default=10.0,
+                        help="seconds of idle tunnels before the last reading")
+    parser.add_argument("--diagnose", action="store_true",
+                        help="object counts by type and malloc figures per tunnel")
+    parser.add_argument("--tracemalloc", type=int, default=0, metavar="FRAMES",
+                        help="trace armsproxy's Python allocations (distorts its RSS)")
+    parser.add_argument("--profile", type=Path, default=None,
+                        help="py-spy armsproxy during the operations; raw samples saved here")
+    parser.add_argument("--timeout", type=float, default=1800.0,
+                        help="give up (and clean up) after this many seconds")
+    parser.add_argument("--sa-client", type=Path, help=argparse.SUPPRESS)  # child: work dir
+    parser.add_argument("--name", help=argparse.SUPPRESS)
+    parser.add_argument("--proxy-port", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.sa_client:
+        serve_tunnels(args)
+        return 0
+    if not 1 <= args.tunnels <= 60000 or args.operations < 1 or not 1 <= args.warm <= 1000:
+        parser.error("--tunnels 1..60000, --operations >= 1, --warm 1..1000")
+    if not 1 <= args.echo_interval <= 120:
+        parser.error("--echo-interval 1..120 (armsproxy closes a tunnel after 130 s without "
+                     "an echo-request)")
+    if args.clients < 1 or args.steps < 1 or args.rate <= 0 or args.open_concurrency < 1:
+        parser.error("--clients, --steps, --open-concurrency >= 1, --rate > 0")
+    if args.concurrency is not None and not 1 <= args.concurrency <= PAGE:
+        parser.error(f"--concurrency 1..{PAGE}")
+    return run(args)
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        sys.exit("interrupted")
