@@ -1,10 +1,11 @@
 """The embedded default store: one SQLite file, one dedicated thread, one connection.
 
 Why one thread: SQLite has a single writer, so more threads would only queue on its lock;
-serialising every call through ``ThreadPool(1, 1)`` removes write contention, keeps statement
-order equal to call order, and keeps the reactor thread free of disk I/O. WAL with
+serialising every call through one worker removes write contention, keeps statement order
+equal to call order, and keeps the reactor thread free of disk I/O. WAL with
 ``synchronous=FULL`` makes every COMMIT durable before the call returns, which is what lets the
-RS gate say "accepted" and the SA gate answer a done-request with 100.
+RS gate say "accepted" and the SA gate answer a done-request with 100; calls that queue up
+while a COMMIT runs share the next one (:mod:`armsproxy.store.group_commit`).
 """
 
 from __future__ import annotations
@@ -16,11 +17,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
-from twisted.internet import defer, threads
+from twisted.internet import defer
 from twisted.internet.interfaces import IReactorCore, IReactorTime
 from twisted.logger import Logger
-from twisted.python.threadpool import ThreadPool
 
+from armsproxy.store.group_commit import GroupCommitWorker
 from armsproxy.store.migrations import FINAL_SQL, migrate
 from armsproxy.store.model import (
     MUTABLE_FIELDS,
@@ -52,7 +53,14 @@ _CHUNK = 500  # bound on bound parameters per statement
 
 @contextmanager
 def _transaction(conn: sqlite3.Connection, mode: str = "IMMEDIATE") -> Iterator[None]:
-    """BEGIN ... COMMIT; any exception (or a failed COMMIT) rolls everything back."""
+    """BEGIN ... COMMIT; any exception (or a failed COMMIT) rolls everything back.
+
+    Inside the worker's batch transaction the call already runs under its own SAVEPOINT,
+    which the worker rolls back if this raises.
+    """
+    if conn.in_transaction:
+        yield
+        return
     conn.execute(f"BEGIN {mode}")
     try:
         yield
@@ -167,7 +175,7 @@ class SQLiteStore:
         self._clock: IReactorTime = clock if clock is not None else reactor  # type: ignore[assignment]
         self._busy_timeout = busy_timeout
         self._close_on_shutdown = close_on_shutdown
-        self._pool: ThreadPool | None = None
+        self._worker: GroupCommitWorker | None = None
         self._conn: sqlite3.Connection | None = None
         self._shutdown_trigger: Any = None
         # Test hook: called in the DB thread with the method name before each piece of work.
@@ -176,11 +184,9 @@ class SQLiteStore:
     # -- plumbing -------------------------------------------------------------------------
 
     async def _run(self, name: str, fn: Callable[..., T], *args: Any) -> T:
-        if self._pool is None or self._conn is None:
+        if self._worker is None or self._conn is None:
             raise StoreError("store is not open")
-        return await threads.deferToThreadPool(
-            self._reactor, self._pool, self._in_thread, name, fn, *args
-        )
+        return await self._worker.call(name, lambda: self._in_thread(name, fn, *args))
 
     def _in_thread(self, name: str, fn: Callable[..., T], *args: Any) -> T:
         if self.db_hook is not None:
@@ -207,16 +213,18 @@ class SQLiteStore:
         return conn
 
     async def open(self) -> None:
-        if self._pool is not None:
+        if self._worker is not None:
             return
-        pool = ThreadPool(1, 1, name="armsproxy-store")
-        pool.start()
+        worker = GroupCommitWorker(
+            self._reactor, lambda: self._conn, name="armsproxy-store"  # type: ignore[arg-type]
+        )
+        worker.start()
         try:
-            conn = await threads.deferToThreadPool(self._reactor, pool, self._connect)
+            conn = await worker.call("open", self._connect, alone=True)
         except BaseException:
-            pool.stop()
+            await worker.stop(lambda: None)
             raise
-        self._pool, self._conn = pool, conn
+        self._worker, self._conn = worker, conn
         if self._close_on_shutdown:
             self._shutdown_trigger = self._reactor.addSystemEventTrigger(
                 "before", "shutdown", lambda: defer.ensureDeferred(self.close())
@@ -224,15 +232,14 @@ class SQLiteStore:
         _log.info("store open: {path}", path=str(self.path))
 
     async def close(self) -> None:
-        pool = self._pool
-        if pool is None:
+        worker = self._worker
+        if worker is None:
             return
-        self._pool = None  # a second close() while this one runs is a no-op
+        self._worker = None  # a second close() while this one runs is a no-op
         try:
-            # Runs after everything already queued: the pool is one FIFO thread.
-            await threads.deferToThreadPool(self._reactor, pool, self._close_conn)
+            # Runs after everything already queued: the worker is one FIFO thread.
+            await worker.stop(self._close_conn)
         finally:
-            pool.stop()
             if self._shutdown_trigger is not None:
                 try:
                     self._reactor.removeSystemEventTrigger(self._shutdown_trigger)

@@ -1,0 +1,182 @@
+"""Group commit: calls that queue share a COMMIT; one failing call loses nobody else's work."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, reactor
+
+from armsproxy.store.group_commit import BatchLost, GroupCommitWorker
+from armsproxy.store.sqlite import _transaction
+
+
+class Rig:
+    """A worker on a real SQLite file, WAL and synchronous=FULL like the store."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.conn: sqlite3.Connection | None = None
+        self.worker = GroupCommitWorker(reactor, lambda: self.conn, name="test-group-commit")
+        self.worker.start()
+
+    def connect(self) -> None:
+        conn = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = FULL")
+        conn.execute("PRAGMA foreign_keys = ON")
+        conn.execute("CREATE TABLE IF NOT EXISTS parent (id INTEGER PRIMARY KEY)")
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS t (v TEXT, parent INTEGER REFERENCES parent(id)"
+            " DEFERRABLE INITIALLY DEFERRED)"
+        )
+        self.conn = conn
+
+    def insert(self, value: str, parent: int | None = None) -> Callable[[], str]:
+        def fn() -> str:
+            assert self.conn is not None
+            with _transaction(self.conn):
+                self.conn.execute("INSERT INTO t (v, parent) VALUES (?, ?)", (value, parent))
+            return value
+
+        return fn
+
+    def committed(self) -> list[str]:
+        """What another connection sees: only committed rows."""
+        with sqlite3.connect(str(self.path)) as other:
+            return [v for (v,) in other.execute("SELECT v FROM t ORDER BY rowid")]
+
+    def close(self) -> defer.Deferred[Any]:
+        def last() -> None:
+            if self.conn is not None:
+                self.conn.close()
+                self.conn = None
+
+        return self.worker.stop(last)
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Rig:
+    return Rig(tmp_path / "gc.sqlite")
+
+
+async def settle(ds: list[defer.Deferred[Any]]) -> list[tuple[bool, Any]]:
+    return await defer.DeferredList(ds, consumeErrors=True)
+
+
+def hold_worker(worker: GroupCommitWorker) -> tuple[threading.Event, defer.Deferred[Any]]:
+    """A call that holds the worker until the test has queued what it wants batched."""
+    started, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        started.set()
+        assert release.wait(10)
+
+    held = worker.call("hold", hold)
+    assert started.wait(10)  # blocks the reactor for a moment: the worker is now busy
+    return release, held
+
+
+@pytest_twisted.ensureDeferred
+async def test_calls_queued_behind_a_commit_share_the_next_one(rig: Rig) -> None:
+    await rig.worker.call("connect", rig.connect, alone=True)
+    release, first = hold_worker(rig.worker)
+    calls = [rig.worker.call(f"insert {i}", rig.insert(f"v{i}")) for i in range(20)]
+    release.set()
+    await first
+    results = await settle(calls)
+    assert results == [(True, f"v{i}") for i in range(20)]
+    assert rig.worker.batches == 2  # the held call alone, then the twenty together
+    assert rig.committed() == [f"v{i}" for i in range(20)]
+    await rig.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failing_call_undoes_only_its_own_work(rig: Rig) -> None:
+    await rig.worker.call("connect", rig.connect, alone=True)
+    release, held = hold_worker(rig.worker)
+
+    def half_then_fail() -> None:
+        assert rig.conn is not None
+        with _transaction(rig.conn):
+            rig.conn.execute("INSERT INTO t (v) VALUES ('half')")
+            raise ValueError("bad order")
+
+    calls = [
+        rig.worker.call("a", rig.insert("a")),
+        rig.worker.call("bad", half_then_fail),
+        rig.worker.call("b", rig.insert("b")),
+    ]
+    release.set()
+    await held
+    (ok_a, a), (ok_bad, bad), (ok_b, b) = await settle(calls)
+    assert (ok_a, a, ok_b, b) == (True, "a", True, "b")
+    assert not ok_bad and bad.check(ValueError)
+    assert rig.committed() == ["a", "b"]  # 'half' rolled back, neighbours kept
+    await rig.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failed_commit_fails_every_call_of_the_batch(rig: Rig) -> None:
+    """A deferred foreign key is checked at COMMIT: nobody in the batch may hear success."""
+    await rig.worker.call("connect", rig.connect, alone=True)
+    release, held = hold_worker(rig.worker)
+    calls = [
+        rig.worker.call("a", rig.insert("a")),
+        rig.worker.call("orphan", rig.insert("orphan", parent=42)),  # no parent 42
+        rig.worker.call("b", rig.insert("b")),
+    ]
+    release.set()
+    await held
+    results = await settle(calls)
+    assert [ok for ok, _ in results] == [False, False, False]
+    assert all(f.check(sqlite3.IntegrityError) for _, f in results)
+    assert rig.committed() == []
+    # The worker goes on: the next call commits on its own.
+    assert await rig.worker.call("c", rig.insert("c")) == "c"
+    assert rig.committed() == ["c"]
+    await rig.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_call_that_ends_the_transaction_loses_nobody_silently(rig: Rig) -> None:
+    """Work committed with others is reported lost if the shared transaction is gone."""
+    await rig.worker.call("connect", rig.connect, alone=True)
+    release, held = hold_worker(rig.worker)
+
+    def rollback_everything() -> None:
+        assert rig.conn is not None
+        rig.conn.execute("ROLLBACK")
+        raise RuntimeError("misbehaving call")
+
+    calls = [
+        rig.worker.call("a", rig.insert("a")),
+        rig.worker.call("rollback", rollback_everything),
+        rig.worker.call("b", rig.insert("b")),
+    ]
+    release.set()
+    await held
+    (ok_a, a), (ok_r, r), (ok_b, b) = await settle(calls)
+    assert not ok_a and a.check(BatchLost)
+    assert not ok_r and r.check(RuntimeError)
+    assert (ok_b, b) == (True, "b")  # ran in a fresh transaction after the loss
+    assert rig.committed() == ["b"]
+    await rig.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_stop_runs_after_everything_queued_and_ends_the_thread(rig: Rig) -> None:
+    await rig.worker.call("connect", rig.connect, alone=True)
+    calls = [rig.worker.call(f"insert {i}", rig.insert(f"v{i}")) for i in range(5)]
+    await rig.close()
+    assert [r for _, r in await settle(calls)] == [f"v{i}" for i in range(5)]
+    assert rig.conn is None
+    assert not [t for t in threading.enumerate() if t.name == "test-group-commit"]
+    with pytest.raises(RuntimeError, match="stopping"):
+        rig.worker.call("late", rig.insert("late"))
+    assert rig.committed() == [f"v{i}" for i in range(5)]
