@@ -573,6 +573,35 @@ async def test_a_newer_schema_is_refused(tmp_path, clock):
 
 
 @pytest_twisted.ensureDeferred
+async def test_calls_made_while_the_store_opens_wait_for_it(tmp_path, clock):
+    """twistd binds the gates' ports before the store is open: an early order must wait,
+    not fail (seen as a 500 on push.submit right after a restart)."""
+    s = SQLiteStore(tmp_path / "early.db", reactor=reactor, clock=clock)
+    opening = defer.ensureDeferred(s.open())
+    early = defer.ensureDeferred(s.submit(new_op(request_id="early")))
+    assert not early.called
+    await opening
+    op, created = await early
+    assert created and (await s.get(op.operation_id)).request_id == "early"
+    await s.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_store_that_cannot_open_fails_the_waiting_calls(tmp_path, clock):
+    path = tmp_path / "future.db"
+    conn = sqlite3.connect(path)
+    conn.execute("PRAGMA user_version = 99")
+    conn.close()
+    s = SQLiteStore(path, reactor=reactor, clock=clock)
+    opening = defer.ensureDeferred(s.open())
+    early = defer.ensureDeferred(s.get("x"))
+    with pytest.raises(StoreError, match="newer"):
+        await opening
+    with pytest.raises(StoreError, match="not open"):
+        await early
+
+
+@pytest_twisted.ensureDeferred
 async def test_connection_settings(store):
     async def pragma(name):
         return await store._run("pragma", lambda c: c.execute(f"PRAGMA {name}").fetchone()[0])

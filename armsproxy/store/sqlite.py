@@ -176,6 +176,9 @@ class SQLiteStore:
         self._busy_timeout = busy_timeout
         self._close_on_shutdown = close_on_shutdown
         self._worker: GroupCommitWorker | None = None
+        # While open() runs: callers that arrived early (twistd binds the gates' ports before
+        # the store is open), woken when it is.
+        self._waiting: list[defer.Deferred[None]] | None = None
         self._conn: sqlite3.Connection | None = None
         self._shutdown_trigger: Any = None
         # Test hook: called in the DB thread with the method name before each piece of work.
@@ -184,6 +187,10 @@ class SQLiteStore:
     # -- plumbing -------------------------------------------------------------------------
 
     async def _run(self, name: str, fn: Callable[..., T], *args: Any) -> T:
+        if self._worker is None and self._waiting is not None:
+            opened: defer.Deferred[None] = defer.Deferred()
+            self._waiting.append(opened)
+            await opened
         if self._worker is None or self._conn is None:
             raise StoreError("store is not open")
         return await self._worker.call(name, lambda: self._in_thread(name, fn, *args))
@@ -213,8 +220,17 @@ class SQLiteStore:
         return conn
 
     async def open(self) -> None:
-        if self._worker is not None:
+        if self._worker is not None or self._waiting is not None:
             return
+        self._waiting = []
+        try:
+            await self._open()
+        finally:
+            waiting, self._waiting = self._waiting, None
+            for opened in waiting:
+                opened.callback(None)
+
+    async def _open(self) -> None:
         worker = GroupCommitWorker(
             self._reactor, lambda: self._conn, name="armsproxy-store"  # type: ignore[arg-type]
         )
