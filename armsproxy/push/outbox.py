@@ -97,16 +97,24 @@ class EventOutbox(service.Service):
             events = await self.store.pending_events(self.batch)
             if not events:
                 return None
-            for event in events:
-                try:
-                    await self.rs.event(event_struct(event))
-                except RSError as e:
-                    self.failures += 1
-                    await self.store.note_event_attempt(event.seq)
-                    delay = min(self.retry_cap, self.retry_base * 2 ** min(event.attempts, 10))
-                    log.warn("event outbox: {kind} #{seq} not delivered ({e!r}); retry in "
-                             "{d:.0f} s", kind=event.kind, seq=event.seq, e=e, d=delay)
-                    return delay
-                await self.store.mark_delivered([event.seq])
-                self.delivered += 1
+            # Marked delivered once per batch, not per event: a crash in between only means
+            # those events are delivered again, which at-least-once allows.
+            delivered: list[int] = []
+            try:
+                for event in events:
+                    try:
+                        await self.rs.event(event_struct(event))
+                    except RSError as e:
+                        self.failures += 1
+                        await self.store.note_event_attempt(event.seq)
+                        delay = min(self.retry_cap,
+                                    self.retry_base * 2 ** min(event.attempts, 10))
+                        log.warn("event outbox: {kind} #{seq} not delivered ({e!r}); retry in "
+                                 "{d:.0f} s", kind=event.kind, seq=event.seq, e=e, d=delay)
+                        return delay
+                    delivered.append(event.seq)
+                    self.delivered += 1
+            finally:
+                if delivered:
+                    await self.store.mark_delivered(delivered)
         return None
