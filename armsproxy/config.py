@@ -52,6 +52,7 @@ class Config:
     retry_cap: float = 300.0
     busy_delay: float = 30.0
     done_timeout: float = 900.0
+    interrupted_grace: float = 120.0
     default_expires_in: float = 86400.0
     endpoint_from_peer: bool = False
     # store
@@ -186,6 +187,7 @@ def load(path: Path) -> Config:
             retry_cap=parser.getfloat("push", "retry_cap", fallback=300.0),
             busy_delay=parser.getfloat("push", "busy_delay", fallback=30.0),
             done_timeout=parser.getfloat("push", "done_timeout", fallback=900.0),
+            interrupted_grace=parser.getfloat("push", "interrupted_grace", fallback=120.0),
             default_expires_in=parser.getfloat("push", "default_expires_in",
                                                fallback=86400.0),
             endpoint_from_peer=parser.getboolean("push", "endpoint_from_peer",

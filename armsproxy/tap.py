@@ -147,7 +147,8 @@ def build_services(cfg: Config, reactor: Any = None) -> service.MultiService:
         settings=PushSettings(
             result_url=cfg.effective_result_url, max_attempts=cfg.max_attempts,
             retry_base=cfg.retry_base, retry_cap=cfg.retry_cap, busy_delay=cfg.busy_delay,
-            done_timeout=cfg.done_timeout, default_expires_in=cfg.default_expires_in,
+            done_timeout=cfg.done_timeout, interrupted_grace=cfg.interrupted_grace,
+            default_expires_in=cfg.default_expires_in,
             endpoint_from_peer=cfg.endpoint_from_peer,
         ),
         on_events=outbox.kick,

@@ -68,6 +68,7 @@ retry_base = 0.5
 retry_cap = 2
 busy_delay = 1
 done_timeout = 6
+interrupted_grace = 6
 {tunnel_line}
 [rs_gate]
 listen = tcp:{self.gate_port}:interface=127.0.0.1

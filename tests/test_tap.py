@@ -139,6 +139,7 @@ def test_etc_example_loads():
     assert cfg.tls_minimum_version == "1.2"
     assert cfg.rs_url.startswith("https://")
     assert cfg.sa_paths == frozenset({"/arms"})
+    assert (cfg.done_timeout, cfg.interrupted_grace) == (900, 120)
     # The TLS 1.0 opt-in is shown, commented.
     assert re.search(r"^# tls_minimum_version = 1\.0$",
                      (ROOT / "etc" / "armsproxy.conf").read_text(), re.M)
@@ -183,9 +184,11 @@ async def test_etc_example_runs_with_real_files(tmp_path):
              f"db = {tmp_path / 'rs.sqlite'}\n")
     conf = tmp_path / "armsproxy.conf"
     conf.write_text(text)
+    conf.write_text(text.replace("interrupted_grace = 120", "interrupted_grace = 7"))
     cfg = load(conf)
     assert isinstance(cfg, Config)
     top = build_services(cfg, reactor)
+    assert top.engine.settings.interrupted_grace == 7  # the key reaches the engine
     top.startService()
     try:
         _register(tmp_path / "rs.sqlite", tmp_path)
