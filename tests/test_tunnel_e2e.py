@@ -148,3 +148,32 @@ async def test_tunnel_lost_while_operations_are_in_flight(tmp_path):
         if device is not None:
             await device.stop()
         await top.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_live_tunnel_keeps_no_copy_of_its_credentials(tmp_path):
+    """A tunnel lives for months: neither the gate's connection nor the session may hold the
+    Authorization header (it carries the SA's key) once the tunnel is open."""
+    import base64
+    import gc
+
+    from armsproxy.sa_gate.protocol import SAGateProtocol
+    from armsproxy.tunnel.session import TunnelSession
+
+    top, cfg, url, _rs = await start_tunnel_proxy(tmp_path)
+    device = None
+    try:
+        device = await tunnel_device(cfg, url)
+        credentials = base64.b64encode(f"{DISTID}:{KEY}".encode()).decode()
+        gates = [o for o in gc.get_objects()
+                 if isinstance(o, SAGateProtocol) and o._tunnel is not None]
+        sessions = [o for o in gc.get_objects() if isinstance(o, TunnelSession)]
+        assert gates and sessions
+        for holder in gates + sessions:
+            names = [*getattr(holder, "__dict__", ()), *getattr(type(holder), "__slots__", ())]
+            held = repr([getattr(holder, name, None) for name in names])
+            assert credentials not in held and KEY not in held, holder
+    finally:
+        if device is not None:
+            await device.stop()
+        await top.stopService()

@@ -233,6 +233,10 @@ class SAGateProtocol(Protocol):
             raise RequestRejected(400, "a tunnel is opened with a chunked POST")
         assert self.factory.tunnel_opener is not None
         self._cancel_deadline()  # the session keeps its own timers from here on
+        # The tunnel may live for months: keep neither the header block (its Authorization
+        # carries the SA's key) nor the request buffers.
+        self._head = None
+        self._buffer = self._body = bytearray()
         self._tunnel = self.factory.tunnel_opener(self.transport, headers, self._peer, path)
         self.factory.count("tunnel.opened")
         d = defer.ensureDeferred(self._tunnel.open())
