@@ -1143,17 +1143,27 @@ def run(args: argparse.Namespace) -> int:
         clients = Clients(work)
         proxy: subprocess.Popen[bytes] | None = None
         profiler: subprocess.Popen[bytes] | None = None
+        rs_proc: subprocess.Popen[bytes] | None = None
         try:
             sa_port, rs_port, gate_port = push.free_port(), push.free_port(), push.free_port()
             proxy_log = work / "proxy.log"
             env_extra = {"BENCH_HOOK_DIR": str(work)}
             if args.tracemalloc:
                 env_extra["BENCH_TRACEMALLOC"] = str(args.tracemalloc)
+            if args.rs_process:
+                where = ["--config", str(external_rs_config(work, sa_port, rs_port, gate_port))]
+                rs_log = work / "demo-rs.log"
+                rs_proc = push.spawn(
+                    ["-m", "armsproxy.demo_rs.cli", "--db", str(work / "data" / "demo-rs.sqlite"),
+                     "serve", "--listen", f"tcp:{rs_port}:interface=127.0.0.1"], work, rs_log)
+                push.wait_until(push.port_open(rs_port), rs_proc, rs_log, "demo RS", 30)
+            else:
+                where = ["--data-dir", str(work / "data"), "--port", str(sa_port), "--rs-port",
+                         str(rs_port), "--rs-gate-port", str(gate_port)]
             with _environ(env_extra):
                 proxy = push.spawn(
                     ["-c", _PROXY_BOOT, "-n", "--pidfile=", "--logfile=/dev/null", "armsproxy",
-                     "--data-dir", str(work / "data"), "--port", str(sa_port), "--rs-port",
-                     str(rs_port), "--rs-gate-port", str(gate_port)], work, proxy_log)
+                     *where], work, proxy_log)
             push.wait_until(lambda: push.port_open(sa_port)() and push.port_open(gate_port)()
                             and push.port_open(rs_port)(), proxy, proxy_log, "armsproxy", 60)
             reg_seconds = register_sas(work / "data" / "demo-rs.sqlite", w + n)
@@ -1231,6 +1241,8 @@ def run(args: argparse.Namespace) -> int:
             # Operations over the measured tunnels.
             distids = [push.distid_for(i) for i in range(w, w + n)]
             pids = {"armsproxy": proxy.pid, **clients.pids()}
+            if rs_proc is not None:
+                pids["demo RS process"] = rs_proc.pid
             raw = work / "profile.raw"
             if args.profile:
                 profiler = subprocess.Popen(
@@ -1261,7 +1273,30 @@ def run(args: argparse.Namespace) -> int:
                 push.stop(proxy)
             for proc in clients.procs.values():
                 push.stop(proc)
+            if rs_proc is not None:
+                push.stop(rs_proc)
     return 0
+
+
+def external_rs_config(work: Path, sa_port: int, rs_port: int, gate_port: int) -> Path:
+    """The embedded default's set-up, with the demo RS left to a process of its own (as a
+    production RS is): armsproxy's figures then hold no RS work."""
+    from armsproxy.pki import ensure_dev_pki
+
+    data = work / "data"
+    pki = ensure_dev_pki(data / "pki", ["127.0.0.1"])
+    conf = work / "armsproxy.conf"
+    conf.write_text(
+        f"[armsproxy]\ndata_dir = {data}\n"
+        f"[sa_gate]\nlisten = ssl:{sa_port}:interface=127.0.0.1:"
+        f"privateKey={pki.server_key_path}:certKey={pki.server_cert_path}\n"
+        f"public_urls = https://127.0.0.1:{sa_port}/arms\n"
+        f"[rs]\nurl = http://127.0.0.1:{rs_port}/RPC2\n"
+        f"[push]\nsa_ca = {pki.ca_cert_path}\n"
+        f"tunnel_urls = https://127.0.0.1:{sa_port}/arms-tunnel\n"
+        f"[rs_gate]\nlisten = tcp:{gate_port}:interface=127.0.0.1\n"
+    )
+    return conf
 
 
 @contextlib.contextmanager
@@ -1378,6 +1413,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="open the N tunnels in this many steps, RSS after each")
     parser.add_argument("--idle", type=float, default=10.0,
                         help="seconds of idle tunnels before the last reading")
+    parser.add_argument("--rs-process", action="store_true",
+                        help="run the demo RS as a process of its own instead of inside "
+                             "armsproxy (the embedded default)")
     parser.add_argument("--diagnose", action="store_true",
                         help="object counts by type and malloc figures per tunnel")
     parser.add_argument("--tracemalloc", type=int, default=0, metavar="FRAMES",
