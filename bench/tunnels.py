@@ -2,7 +2,8 @@
 
     python bench/tunnels.py [-n 1000] [-m 2000] [--rate 1000 | --concurrency C]
                             [--clients 2] [--echo-interval 60] [--steps 2]
-                            [--profile FILE] [--diagnose] [--tracemalloc FRAMES]
+                            [--rs-process] [--profile FILE] [--diagnose]
+                            [--tracemalloc FRAMES]
 
 What runs, and why this way:
 
@@ -76,10 +77,15 @@ Measured here (2 cores, virtio disk, TLS 1.3 unless said), 1,000 and 10,000 tunn
   it, OpenSSL (cryptography's bundled 4.0) ~33.5 KiB per TLS 1.3 connection (~24.6 for 1.2),
   16 KiB of which an SSL object takes before any byte; Python objects ~8 KiB.
 * setup: ~7-8 ms of armsproxy CPU per tunnel, 135-150 tunnels/s; 10,000 in 74 s.
-* operations: 350-430 ops/s at most (1,000 offered), armsproxy then at one full core
-  (2.5-2.8 ms CPU per operation: ~1.5 reactor thread, ~1 SQLite thread, one GIL) with its
-  store's SQLite thread spending about half its time in COMMIT (synchronous=FULL); with the
-  data on tmpfs 506 ops/s. Below saturation: 200/s p99 9 ms, 250/s p99 26 ms, 300/s p99 59 ms.
+* operations, before group commit: 350-430 ops/s at most (1,000 offered), armsproxy then at
+  one full core (2.5-2.8 ms CPU per operation: ~1.5 reactor thread, ~1 SQLite thread, one GIL)
+  with its store's SQLite thread spending about half its time in COMMIT (synchronous=FULL);
+  with the data on tmpfs 506 ops/s. Below saturation: 200/s p99 9 ms, 250/s p99 26 ms,
+  300/s p99 59 ms.
+* operations with group commit (2026-12-02, a busier machine: the same old code measured
+  p50 78 ms, p99 545 ms at 200/s that day): 200 tunnels 491-503 ops/s at most, 1,000
+  tunnels 390 (embedded demo RS) and 435 (``--rs-process``), ~2.2 ms CPU per operation at
+  saturation; at 200/s p50 9-48 ms, p99 232-366 ms; 300/s p50 121 ms; 400/s p50 244 ms.
 
 Everything runs on 127.0.0.1, bounded in count and time (``--timeout``); the file-descriptor
 limit of this process (inherited by the children) is raised to its hard limit; children die

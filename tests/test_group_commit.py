@@ -19,10 +19,11 @@ from armsproxy.store.sqlite import _transaction
 class Rig:
     """A worker on a real SQLite file, WAL and synchronous=FULL like the store."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, max_batch: int = 100) -> None:
         self.path = path
         self.conn: sqlite3.Connection | None = None
-        self.worker = GroupCommitWorker(reactor, lambda: self.conn, name="test-group-commit")
+        self.worker = GroupCommitWorker(reactor, lambda: self.conn, name="test-group-commit",
+                                        max_batch=max_batch)
         self.worker.start()
 
     def connect(self) -> None:
@@ -93,6 +94,19 @@ async def test_calls_queued_behind_a_commit_share_the_next_one(rig: Rig) -> None
     assert results == [(True, f"v{i}") for i in range(20)]
     assert rig.worker.batches == 2  # the held call alone, then the twenty together
     assert rig.committed() == [f"v{i}" for i in range(20)]
+    await rig.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_max_batch_bounds_the_calls_per_commit(tmp_path: Path) -> None:
+    rig = Rig(tmp_path / "bounded.sqlite", max_batch=3)
+    await rig.worker.call("connect", rig.connect, alone=True)
+    release, first = hold_worker(rig.worker)
+    calls = [rig.worker.call(f"insert {i}", rig.insert(f"v{i}")) for i in range(7)]
+    release.set()
+    await first
+    assert [r for _, r in await settle(calls)] == [f"v{i}" for i in range(7)]
+    assert rig.worker.batches == 1 + 3  # the held call, then 3 + 3 + 1
     await rig.close()
 
 

@@ -161,9 +161,12 @@ class SQLiteStore:
         clock: IReactorTime | None = None,
         busy_timeout: float = 10.0,
         close_on_shutdown: bool = True,
+        max_batch: int = 100,
     ) -> None:
         """``close_on_shutdown=False`` when a service closes the store itself, after the
-        services that use it have stopped (a reactor trigger would close it under them)."""
+        services that use it have stopped (a reactor trigger would close it under them).
+        ``max_batch``: most calls per COMMIT (1: a transaction per call, bench/store.py's
+        baseline)."""
         if reactor is None:
             from twisted.internet import reactor as default_reactor
 
@@ -174,6 +177,7 @@ class SQLiteStore:
         # threads need the real reactor.
         self._clock: IReactorTime = clock if clock is not None else reactor  # type: ignore[assignment]
         self._busy_timeout = busy_timeout
+        self._max_batch = max_batch
         self._close_on_shutdown = close_on_shutdown
         self._worker: GroupCommitWorker | None = None
         # While open() runs: callers that arrived early (twistd binds the gates' ports before
@@ -232,7 +236,8 @@ class SQLiteStore:
 
     async def _open(self) -> None:
         worker = GroupCommitWorker(
-            self._reactor, lambda: self._conn, name="armsproxy-store"  # type: ignore[arg-type]
+            self._reactor, lambda: self._conn, name="armsproxy-store",  # type: ignore[arg-type]
+            max_batch=self._max_batch,
         )
         worker.start()
         try:
