@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,15 +20,17 @@ from armsproxy.store.sqlite import _transaction
 class Rig:
     """A worker on a real SQLite file, WAL and synchronous=FULL like the store."""
 
-    def __init__(self, path: Path, max_batch: int = 100) -> None:
+    def __init__(self, path: Path, max_batch: int = 100, busy_timeout: float = 5.0) -> None:
         self.path = path
+        self.busy_timeout = busy_timeout
         self.conn: sqlite3.Connection | None = None
         self.worker = GroupCommitWorker(reactor, lambda: self.conn, name="test-group-commit",
                                         max_batch=max_batch)
         self.worker.start()
 
     def connect(self) -> None:
-        conn = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
+        conn = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False,
+                               timeout=self.busy_timeout)
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("PRAGMA synchronous = FULL")
         conn.execute("PRAGMA foreign_keys = ON")
@@ -70,15 +73,17 @@ async def settle(ds: list[defer.Deferred[Any]]) -> list[tuple[bool, Any]]:
     return await defer.DeferredList(ds, consumeErrors=True)
 
 
-def hold_worker(worker: GroupCommitWorker) -> tuple[threading.Event, defer.Deferred[Any]]:
-    """A call that holds the worker until the test has queued what it wants batched."""
+def hold_worker(worker: GroupCommitWorker, *,
+                alone: bool = False) -> tuple[threading.Event, defer.Deferred[Any]]:
+    """A call that holds the worker until the test has queued what it wants batched
+    (``alone``: outside any transaction, so it holds no lock on the database)."""
     started, release = threading.Event(), threading.Event()
 
     def hold() -> None:
         started.set()
         assert release.wait(10)
 
-    held = worker.call("hold", hold)
+    held = worker.call("hold", hold, alone=alone)
     assert started.wait(10)  # blocks the reactor for a moment: the worker is now busy
     return release, held
 
@@ -180,6 +185,32 @@ async def test_a_call_that_ends_the_transaction_loses_nobody_silently(rig: Rig) 
     assert not ok_r and r.check(RuntimeError)
     assert (ok_b, b) == (True, "b")  # ran in a fresh transaction after the loss
     assert rig.committed() == ["b"]
+    await rig.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_locked_database_fails_the_batch_once_not_once_per_call(tmp_path: Path) -> None:
+    """Another process holds the write lock past busy_timeout: the queued calls fail together
+    after one timeout, and the worker goes on once the lock is gone."""
+    rig = Rig(tmp_path / "locked.sqlite", busy_timeout=1.0)
+    await rig.worker.call("connect", rig.connect, alone=True)
+    release, held = hold_worker(rig.worker, alone=True)
+    other = sqlite3.connect(str(rig.path), isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        calls = [rig.worker.call(f"insert {i}", rig.insert(f"v{i}")) for i in range(5)]
+        started = time.monotonic()
+        release.set()
+        await held
+        results = await settle(calls)
+        waited = time.monotonic() - started
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert all(not ok and f.check(sqlite3.OperationalError) for ok, f in results)
+    assert 0.9 < waited < 3.0, waited  # one busy timeout for the batch, not five
+    assert await rig.worker.call("after", rig.insert("after")) == "after"
+    assert rig.committed() == ["after"]
     await rig.close()
 
 

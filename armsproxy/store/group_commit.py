@@ -137,13 +137,18 @@ class GroupCommitWorker:
                 call.fail(failure)
             return
         held: list[_Call] = []  # succeeded, their work in the open transaction
-        for call in batch:
+        for index, call in enumerate(batch):
             if not conn.in_transaction:
                 try:
                     conn.execute("BEGIN IMMEDIATE")
                 except sqlite3.Error:
-                    call.fail(Failure())
-                    continue
+                    # Locked past busy_timeout (another process writing) or worse: the rest
+                    # of the batch fails now instead of waiting out the timeout once each.
+                    failure = Failure()
+                    _log.failure("store: cannot begin a transaction", failure)
+                    for rest in batch[index:]:
+                        rest.fail(failure)
+                    break
             try:
                 conn.execute("SAVEPOINT call")
                 call.outcome = call.fn()
