@@ -13,7 +13,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor
 
-from armsproxy.store.group_commit import BatchLost, GroupCommitWorker
+from armsproxy.store.group_commit import BatchLost, GroupCommitWorker, StrayTransactionControl
 from armsproxy.store.sqlite import _transaction
 
 
@@ -225,3 +225,71 @@ async def test_stop_runs_after_everything_queued_and_ends_the_thread(rig: Rig) -
     with pytest.raises(RuntimeError, match="stopping"):
         rig.worker.call("late", rig.insert("late"))
     assert rig.committed() == [f"v{i}" for i in range(5)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_call_that_commits_by_itself_is_refused_with_a_clear_error(rig: Rig) -> None:
+    await rig.worker.call("connect", rig.connect, alone=True)
+
+    def stray_commit() -> None:
+        assert rig.conn is not None
+        rig.conn.execute("COMMIT")
+
+    with pytest.raises(StrayTransactionControl, match="ended the shared transaction"):
+        await rig.worker.call("stray", stray_commit)
+    assert await rig.worker.call("next", rig.insert("next")) == "next"
+    await rig.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_transaction_left_open_is_rolled_back_not_committed_by_the_next_batch(
+    rig: Rig,
+) -> None:
+    """Whatever left a transaction open (a failed ROLLBACK), its work must not ride along
+    with the next batch's COMMIT: its callers were told it failed."""
+    await rig.worker.call("connect", rig.connect, alone=True)
+
+    def leave_open() -> None:
+        assert rig.conn is not None
+        rig.conn.execute("BEGIN")
+        rig.conn.execute("INSERT INTO t (v) VALUES ('orphaned')")
+
+    await rig.worker.call("leave open", leave_open, alone=True)
+    assert await rig.worker.call("next", rig.insert("next")) == "next"
+    assert rig.committed() == ["next"]
+    await rig.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_reads_alone_take_no_write_lock(tmp_path: Path) -> None:
+    rig = Rig(tmp_path / "reads.sqlite", busy_timeout=5.0)
+    await rig.worker.call("connect", rig.connect, alone=True)
+    await rig.worker.call("seed", rig.insert("seed"))
+
+    def read() -> list[str]:
+        assert rig.conn is not None
+        return [v for (v,) in rig.conn.execute("SELECT v FROM t")]
+
+    other = sqlite3.connect(str(rig.path), isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # another process writing
+    try:
+        started = time.monotonic()
+        assert await rig.worker.call("read", read, readonly=True) == ["seed"]
+        assert time.monotonic() - started < 1.0  # did not wait for the writer
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    await rig.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_one_bad_deferred_does_not_leave_its_neighbours_unanswered(rig: Rig) -> None:
+    await rig.worker.call("connect", rig.connect, alone=True)
+    release, held = hold_worker(rig.worker)
+    early = rig.worker.call("a", rig.insert("a"))
+    neighbour = rig.worker.call("b", rig.insert("b"))
+    early.callback("fired by someone else")  # the worker's delivery to it now fails
+    release.set()
+    await held
+    assert await neighbour == "b"
+    await rig.close()

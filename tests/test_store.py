@@ -587,6 +587,18 @@ async def test_calls_made_while_the_store_opens_wait_for_it(tmp_path, clock):
 
 
 @pytest_twisted.ensureDeferred
+async def test_close_while_opening_closes_what_open_opens(tmp_path, clock):
+    s = SQLiteStore(tmp_path / "brief.db", reactor=reactor, clock=clock)
+    opening = defer.ensureDeferred(s.open())
+    closing = defer.ensureDeferred(s.close())
+    await opening
+    await closing
+    assert not [t for t in threading.enumerate() if t.name == "armsproxy-store"]
+    with pytest.raises(StoreError, match="not open"):
+        await s.get("x")
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_store_that_cannot_open_fails_the_waiting_calls(tmp_path, clock):
     path = tmp_path / "future.db"
     conn = sqlite3.connect(path)

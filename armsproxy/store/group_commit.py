@@ -27,8 +27,15 @@ from twisted.python.failure import Failure
 _log = Logger()
 
 
+_SAVEPOINT = "armsproxy_call"
+
+
 class BatchLost(Exception):
     """A call's work was committed with others, and that transaction did not survive."""
+
+
+class StrayTransactionControl(RuntimeError):
+    """A store call ended the shared transaction itself (a programming error)."""
 
 
 @dataclass(slots=True, eq=False)
@@ -36,6 +43,7 @@ class _Call:
     name: str
     fn: Callable[[], Any]
     alone: bool  # outside any transaction: connecting, closing
+    readonly: bool = False  # a batch of only these begins DEFERRED: no write lock taken
     deferred: Deferred[Any] = field(default_factory=Deferred)
     outcome: Any = None
     failed: bool = False
@@ -68,8 +76,9 @@ class GroupCommitWorker:
     def start(self) -> None:
         self._thread.start()
 
-    def call(self, name: str, fn: Callable[[], Any], *, alone: bool = False) -> Deferred[Any]:
-        call = _Call(name, fn, alone)
+    def call(self, name: str, fn: Callable[[], Any], *, alone: bool = False,
+             readonly: bool = False) -> Deferred[Any]:
+        call = _Call(name, fn, alone, readonly)
         with self._cond:
             if self._stopping:
                 raise RuntimeError("store worker is stopping")
@@ -136,11 +145,23 @@ class GroupCommitWorker:
             for call in batch:
                 call.fail(failure)
             return
+        if conn.in_transaction:
+            # Left open by a ROLLBACK that failed last time: never let this batch's COMMIT
+            # carry work whose callers were told it failed.
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                failure = Failure()
+                _log.failure("store: cannot roll back a failed transaction", failure)
+                for call in batch:
+                    call.fail(failure)
+                return
         held: list[_Call] = []  # succeeded, their work in the open transaction
         for index, call in enumerate(batch):
             if not conn.in_transaction:
+                mode = "DEFERRED" if all(c.readonly for c in batch[index:]) else "IMMEDIATE"
                 try:
-                    conn.execute("BEGIN IMMEDIATE")
+                    conn.execute(f"BEGIN {mode}")
                 except sqlite3.Error:
                     # Locked past busy_timeout (another process writing) or worse: the rest
                     # of the batch fails now instead of waiting out the timeout once each.
@@ -150,9 +171,13 @@ class GroupCommitWorker:
                         rest.fail(failure)
                     break
             try:
-                conn.execute("SAVEPOINT call")
+                conn.execute(f"SAVEPOINT {_SAVEPOINT}")
                 call.outcome = call.fn()
-                conn.execute("RELEASE call")
+                if not conn.in_transaction:
+                    raise StrayTransactionControl(
+                        f"store call {call.name} ended the shared transaction itself"
+                    )
+                conn.execute(f"RELEASE {_SAVEPOINT}")
             except BaseException:
                 call.fail(Failure())
                 if not self._undo_one(conn):
@@ -164,19 +189,20 @@ class GroupCommitWorker:
                     held.clear()
                 continue
             held.append(call)
-        if conn.in_transaction:
-            try:
-                conn.execute("COMMIT")
-            except BaseException:
-                failure = Failure()
-                _log.failure("store: COMMIT of {n} calls failed", failure, n=len(held))
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                for call in held:
-                    call.fail(failure)
-                return
+        if not conn.in_transaction:
+            return
+        try:
+            conn.execute("COMMIT")
+        except BaseException:
+            failure = Failure()
+            _log.failure("store: COMMIT of {n} calls failed", failure, n=len(held))
+            for call in held:
+                call.fail(failure)
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")  # if this fails too, the next batch tries again
+            return
         self.batches += 1
-        self.calls += len(batch)
+        self.calls += len(held)
 
     @staticmethod
     def _undo_one(conn: sqlite3.Connection) -> bool:
@@ -184,18 +210,21 @@ class GroupCommitWorker:
         if not conn.in_transaction:
             return False  # SQLite rolled it back itself (e.g. SQLITE_FULL, SQLITE_IOERR)
         try:
-            conn.execute("ROLLBACK TO call")
-            conn.execute("RELEASE call")
+            conn.execute(f"ROLLBACK TO {_SAVEPOINT}")
+            conn.execute(f"RELEASE {_SAVEPOINT}")
             return True
         except sqlite3.Error:
             if conn.in_transaction:
-                conn.execute("ROLLBACK")
+                conn.execute("ROLLBACK")  # if this fails too, the next batch tries again
             return False
 
 
 def _deliver(batch: list[_Call]) -> None:
     for call in batch:
-        if call.failed:
-            call.deferred.errback(call.outcome)
-        else:
-            call.deferred.callback(call.outcome)
+        try:
+            if call.failed:
+                call.deferred.errback(call.outcome)
+            else:
+                call.deferred.callback(call.outcome)
+        except Exception:  # one bad Deferred must not leave its neighbours unanswered
+            _log.failure("store: handing back the result of {name} failed", name=call.name)

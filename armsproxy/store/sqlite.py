@@ -56,7 +56,8 @@ def _transaction(conn: sqlite3.Connection, mode: str = "IMMEDIATE") -> Iterator[
     """BEGIN ... COMMIT; any exception (or a failed COMMIT) rolls everything back.
 
     Inside the worker's batch transaction the call already runs under its own SAVEPOINT,
-    which the worker rolls back if this raises.
+    which the worker rolls back if this raises. Store functions never BEGIN, COMMIT or
+    ROLLBACK themselves: the worker fails a call that ends the shared transaction.
     """
     if conn.in_transaction:
         yield
@@ -197,7 +198,8 @@ class SQLiteStore:
             await opened
         if self._worker is None or self._conn is None:
             raise StoreError("store is not open")
-        return await self._worker.call(name, lambda: self._in_thread(name, fn, *args))
+        return await self._worker.call(name, lambda: self._in_thread(name, fn, *args),
+                                       readonly=fn in _READS)
 
     def _in_thread(self, name: str, fn: Callable[..., T], *args: Any) -> T:
         if self.db_hook is not None:
@@ -253,20 +255,24 @@ class SQLiteStore:
         _log.info("store open: {path}", path=str(self.path))
 
     async def close(self) -> None:
+        if self._waiting is not None:  # open() is running: close what it opens
+            opened: defer.Deferred[None] = defer.Deferred()
+            self._waiting.append(opened)
+            await opened
         worker = self._worker
         if worker is None:
             return
         self._worker = None  # a second close() while this one runs is a no-op
+        trigger, self._shutdown_trigger = self._shutdown_trigger, None
         try:
             # Runs after everything already queued: the worker is one FIFO thread.
             await worker.stop(self._close_conn)
         finally:
-            if self._shutdown_trigger is not None:
+            if trigger is not None:
                 try:
-                    self._reactor.removeSystemEventTrigger(self._shutdown_trigger)
+                    self._reactor.removeSystemEventTrigger(trigger)
                 except (ValueError, KeyError):  # already fired
                     pass
-                self._shutdown_trigger = None
 
     def _close_conn(self) -> None:
         conn, self._conn = self._conn, None
@@ -675,3 +681,9 @@ def _purge_orphan_dones(conn: sqlite3.Connection, older_than: float) -> int:
         return conn.execute(
             "DELETE FROM orphan_dones WHERE received_at < ?", (older_than,)
         ).rowcount
+
+
+# Calls that only read: a batch of nothing else takes no write lock (BEGIN DEFERRED), so they
+# never wait for another process writing the file.
+_READS = frozenset({_read_one, _read_many, _next_dispatchable, _sa_get, _sa_list,
+                    _pending_events})
