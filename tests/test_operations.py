@@ -614,6 +614,13 @@ def test_two_way_start_answers_give_the_transaction_id(name, operation, transact
     assert outcome.result == {}
 
 
+def test_an_answer_the_tunnel_already_parsed_is_not_parsed_again():
+    parsed = parse_message(capture_xml("tunnel/15-ping-start.response.txt"), validate=False)
+    # The bytes are kept for the raw record only: the parsed message is what is decoded.
+    outcome = decode_start_answer("ping", None, b"<arms-message>not read", parsed)
+    assert (outcome.result_code, outcome.transaction_id) == (100, 496273029)
+
+
 def test_401_is_an_authentication_failure():
     status, body = capture_answer("simple-errors/07-check-transaction-bad-auth.response.txt")
     assert status == 401

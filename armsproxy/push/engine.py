@@ -327,6 +327,7 @@ class PushEngine(service.Service):
             if tunnel is not None:
                 answer = await tunnel.request(body, timeout=self.settings.tunnel_answer_timeout)
                 status, xml, via = None, answer.body, f"tunnel {tunnel.id}"
+                parsed = answer.response
             else:
                 key = await self.keys.sa_key(op.distribution_id)
                 if key is None:
@@ -338,6 +339,7 @@ class PushEngine(service.Service):
                     pinned_certificate_pem=record.sa_certificate if record else None,
                 )
                 status, xml, via = pushed.status, pushed.xml, url
+                parsed = None
         except (PushError, TunnelError) as e:
             if e.request_sent and spec.side_effects:
                 await self._finish(op, {SENDING}, FAILED,
@@ -350,8 +352,8 @@ class PushEngine(service.Service):
                      "answer": xml.decode("ascii", "replace")}
         if status is not None:
             raw_start["status"] = status
-        await self._start_answered(op, spec, ops.decode_start_answer(op.operation, status, xml),
-                                   raw_start)
+        outcome = ops.decode_start_answer(op.operation, status, xml, parsed)
+        await self._start_answered(op, spec, outcome, raw_start)
 
     async def _start_answered(self, op: Operation, spec: ops.OperationSpec,
                               outcome: ops.StartOutcome, raw_start: dict[str, Any]) -> None:

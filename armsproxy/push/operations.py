@@ -72,6 +72,7 @@ from armsproxy.arms.distid import is_distid
 from armsproxy.arms.framing import extract_arms_xml
 from armsproxy.arms.guard import MD_COMMAND_LIMIT
 from armsproxy.arms.messages import (
+    ArmsMessage,
     ArmsRequest,
     ArmsResponse,
     Body,
@@ -595,13 +596,15 @@ def _failure(code: int, error: str, **kwargs: Any) -> StartOutcome:
     return StartOutcome(result_code=code, error=error, **kwargs)
 
 
-def decode_start_answer(operation: str, status: int | None, xml: bytes) -> StartOutcome:
+def decode_start_answer(operation: str, status: int | None, xml: bytes,
+                        parsed: ArmsMessage | None = None) -> StartOutcome:
     """Read the SA's answer to a start or 1-way request, leniently (§2.6, §7.0, §10).
 
     ``status`` is the HTTP status of an https-simple answer, or ``None`` on a tunnel (no HTTP
     layer); ``xml`` the ``<arms-message>`` document (a leading XML declaration is dropped), or
     b"" when there is none. A connection closed without any answer is a transport failure for
-    the caller, not an answer.
+    the caller, not an answer. ``parsed``: ``xml`` already parsed by the tunnel session, which
+    then is not parsed twice.
     """
     spec = _spec_for(operation)
     if status is not None and status != 200:
@@ -623,7 +626,7 @@ def decode_start_answer(operation: str, status: int | None, xml: bytes) -> Start
     try:
         # Lenient: the device is the authority on what it writes; the hardened parse and the
         # model's value checks still apply, the XSD does not.
-        message = parse_message(xml, validate=False)
+        message = parsed if parsed is not None else parse_message(xml, validate=False)
     except MessageError as e:
         return _failure(NO_RESULT_CODE, f"unreadable answer from the SA: {e}")
     if not isinstance(message, ArmsResponse):
