@@ -178,22 +178,6 @@ class DeviceBytes:
 OPERATIONS = ("check-transaction", "read-module-list")
 
 
-def open_request(port: int, distid: str) -> bytes:
-    """The header a device writes on a fresh tunnel (04-https-tunnel-open.request.txt)."""
-    import base64
-
-    credentials = base64.b64encode(f"{distid}:{KEY}".encode("ascii")).decode("ascii")
-    return (
-        "POST /arms-tunnel HTTP/1.1\r\n"
-        f"Host: 127.0.0.1:{port}\r\n"
-        "Connection: close\r\n"
-        "Content-Type: text/xml\r\n"
-        "Transfer-Encoding: chunked\r\n"
-        f"Authorization: Basic {credentials}\r\n"
-        "\r\n"
-    ).encode("ascii")
-
-
 # -- the SA side (child processes) -----------------------------------------------------------
 
 
@@ -365,7 +349,10 @@ class Fleet:
         return encode_chunk(data, chunk_id=new_chunk_id())
 
     def open_request(self, distid: str) -> bytes:
-        return open_request(self.port, distid)
+        """The header a device writes on a fresh tunnel (04-https-tunnel-open.request.txt)."""
+        from armsproxy.tools.satunnel import build_open_request
+
+        return build_open_request(f"https://127.0.0.1:{self.port}/arms-tunnel", distid, KEY)
 
     def note(self, text: str) -> None:
         if len(self.notes) < 10:
