@@ -14,7 +14,6 @@ import pytest_twisted
 from twisted.internet import defer, reactor
 
 from armsproxy.store.group_commit import BatchLost, GroupCommitWorker, StrayTransactionControl
-from armsproxy.store.sqlite import _transaction
 
 
 class Rig:
@@ -44,8 +43,7 @@ class Rig:
     def insert(self, value: str, parent: int | None = None) -> Callable[[], str]:
         def fn() -> str:
             assert self.conn is not None
-            with _transaction(self.conn):
-                self.conn.execute("INSERT INTO t (v, parent) VALUES (?, ?)", (value, parent))
+            self.conn.execute("INSERT INTO t (v, parent) VALUES (?, ?)", (value, parent))
             return value
 
         return fn
@@ -88,14 +86,20 @@ def hold_worker(worker: GroupCommitWorker, *,
     return release, held
 
 
+async def run_batched(rig: Rig, calls: list[tuple[str, Callable[[], Any]]]
+                      ) -> list[tuple[bool, Any]]:
+    """Queue ``calls`` behind a held worker, so that it takes them together; settle them."""
+    release, held = hold_worker(rig.worker)
+    queued = [rig.worker.call(name, fn) for name, fn in calls]
+    release.set()
+    await held
+    return await settle(queued)
+
+
 @pytest_twisted.ensureDeferred
 async def test_calls_queued_behind_a_commit_share_the_next_one(rig: Rig) -> None:
     await rig.worker.call("connect", rig.connect, alone=True)
-    release, first = hold_worker(rig.worker)
-    calls = [rig.worker.call(f"insert {i}", rig.insert(f"v{i}")) for i in range(20)]
-    release.set()
-    await first
-    results = await settle(calls)
+    results = await run_batched(rig, [(f"insert {i}", rig.insert(f"v{i}")) for i in range(20)])
     assert results == [(True, f"v{i}") for i in range(20)]
     assert rig.worker.batches == 2  # the held call alone, then the twenty together
     assert rig.committed() == [f"v{i}" for i in range(20)]
@@ -106,11 +110,8 @@ async def test_calls_queued_behind_a_commit_share_the_next_one(rig: Rig) -> None
 async def test_max_batch_bounds_the_calls_per_commit(tmp_path: Path) -> None:
     rig = Rig(tmp_path / "bounded.sqlite", max_batch=3)
     await rig.worker.call("connect", rig.connect, alone=True)
-    release, first = hold_worker(rig.worker)
-    calls = [rig.worker.call(f"insert {i}", rig.insert(f"v{i}")) for i in range(7)]
-    release.set()
-    await first
-    assert [r for _, r in await settle(calls)] == [f"v{i}" for i in range(7)]
+    results = await run_batched(rig, [(f"insert {i}", rig.insert(f"v{i}")) for i in range(7)])
+    assert [r for _, r in results] == [f"v{i}" for i in range(7)]
     assert rig.worker.batches == 1 + 3  # the held call, then 3 + 3 + 1
     await rig.close()
 
@@ -118,22 +119,14 @@ async def test_max_batch_bounds_the_calls_per_commit(tmp_path: Path) -> None:
 @pytest_twisted.ensureDeferred
 async def test_a_failing_call_undoes_only_its_own_work(rig: Rig) -> None:
     await rig.worker.call("connect", rig.connect, alone=True)
-    release, held = hold_worker(rig.worker)
 
     def half_then_fail() -> None:
         assert rig.conn is not None
-        with _transaction(rig.conn):
-            rig.conn.execute("INSERT INTO t (v) VALUES ('half')")
-            raise ValueError("bad order")
+        rig.conn.execute("INSERT INTO t (v) VALUES ('half')")
+        raise ValueError("bad order")
 
-    calls = [
-        rig.worker.call("a", rig.insert("a")),
-        rig.worker.call("bad", half_then_fail),
-        rig.worker.call("b", rig.insert("b")),
-    ]
-    release.set()
-    await held
-    (ok_a, a), (ok_bad, bad), (ok_b, b) = await settle(calls)
+    (ok_a, a), (ok_bad, bad), (ok_b, b) = await run_batched(
+        rig, [("a", rig.insert("a")), ("bad", half_then_fail), ("b", rig.insert("b"))])
     assert (ok_a, a, ok_b, b) == (True, "a", True, "b")
     assert not ok_bad and bad.check(ValueError)
     assert rig.committed() == ["a", "b"]  # 'half' rolled back, neighbours kept
@@ -144,15 +137,11 @@ async def test_a_failing_call_undoes_only_its_own_work(rig: Rig) -> None:
 async def test_a_failed_commit_fails_every_call_of_the_batch(rig: Rig) -> None:
     """A deferred foreign key is checked at COMMIT: nobody in the batch may hear success."""
     await rig.worker.call("connect", rig.connect, alone=True)
-    release, held = hold_worker(rig.worker)
-    calls = [
-        rig.worker.call("a", rig.insert("a")),
-        rig.worker.call("orphan", rig.insert("orphan", parent=42)),  # no parent 42
-        rig.worker.call("b", rig.insert("b")),
-    ]
-    release.set()
-    await held
-    results = await settle(calls)
+    results = await run_batched(rig, [
+        ("a", rig.insert("a")),
+        ("orphan", rig.insert("orphan", parent=42)),  # no parent 42
+        ("b", rig.insert("b")),
+    ])
     assert [ok for ok, _ in results] == [False, False, False]
     assert all(f.check(sqlite3.IntegrityError) for _, f in results)
     assert rig.committed() == []
@@ -166,21 +155,14 @@ async def test_a_failed_commit_fails_every_call_of_the_batch(rig: Rig) -> None:
 async def test_a_call_that_ends_the_transaction_loses_nobody_silently(rig: Rig) -> None:
     """Work committed with others is reported lost if the shared transaction is gone."""
     await rig.worker.call("connect", rig.connect, alone=True)
-    release, held = hold_worker(rig.worker)
 
     def rollback_everything() -> None:
         assert rig.conn is not None
         rig.conn.execute("ROLLBACK")
         raise RuntimeError("misbehaving call")
 
-    calls = [
-        rig.worker.call("a", rig.insert("a")),
-        rig.worker.call("rollback", rollback_everything),
-        rig.worker.call("b", rig.insert("b")),
-    ]
-    release.set()
-    await held
-    (ok_a, a), (ok_r, r), (ok_b, b) = await settle(calls)
+    (ok_a, a), (ok_r, r), (ok_b, b) = await run_batched(
+        rig, [("a", rig.insert("a")), ("rollback", rollback_everything), ("b", rig.insert("b"))])
     assert not ok_a and a.check(BatchLost)
     assert not ok_r and r.check(RuntimeError)
     assert (ok_b, b) == (True, "b")  # ran in a fresh transaction after the loss

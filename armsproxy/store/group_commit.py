@@ -71,7 +71,6 @@ class GroupCommitWorker:
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self.batches = 0  # committed batches, for tests and benchmarks
-        self.calls = 0
 
     def start(self) -> None:
         self._thread.start()
@@ -124,9 +123,7 @@ class GroupCommitWorker:
             except BaseException:  # never lose a caller, whatever went wrong
                 failure = Failure()
                 _log.failure("store worker: batch of {n} calls failed", failure, n=len(batch))
-                for call in batch:
-                    if not call.failed:
-                        call.fail(failure)
+                _fail_all([call for call in batch if not call.failed], failure)
             self._reactor.callFromThread(_deliver, batch)
 
     @staticmethod
@@ -141,9 +138,7 @@ class GroupCommitWorker:
         if conn is None:
             from armsproxy.store.model import StoreError
 
-            failure = Failure(StoreError("store is closed"))
-            for call in batch:
-                call.fail(failure)
+            _fail_all(batch, Failure(StoreError("store is closed")))
             return
         if conn.in_transaction:
             # Left open by a ROLLBACK that failed last time: never let this batch's COMMIT
@@ -153,8 +148,7 @@ class GroupCommitWorker:
             except sqlite3.Error:
                 failure = Failure()
                 _log.failure("store: cannot roll back a failed transaction", failure)
-                for call in batch:
-                    call.fail(failure)
+                _fail_all(batch, failure)
                 return
         held: list[_Call] = []  # succeeded, their work in the open transaction
         for index, call in enumerate(batch):
@@ -167,8 +161,7 @@ class GroupCommitWorker:
                     # of the batch fails now instead of waiting out the timeout once each.
                     failure = Failure()
                     _log.failure("store: cannot begin a transaction", failure)
-                    for rest in batch[index:]:
-                        rest.fail(failure)
+                    _fail_all(batch[index:], failure)
                     break
             try:
                 conn.execute(f"SAVEPOINT {_SAVEPOINT}")
@@ -181,11 +174,9 @@ class GroupCommitWorker:
             except BaseException:
                 call.fail(Failure())
                 if not self._undo_one(conn):
-                    lost = Failure(BatchLost(
+                    _fail_all(held, Failure(BatchLost(
                         f"the transaction was rolled back when {call.name} failed"
-                    ))
-                    for earlier in held:
-                        earlier.fail(lost)
+                    )))
                     held.clear()
                 continue
             held.append(call)
@@ -196,13 +187,11 @@ class GroupCommitWorker:
         except BaseException:
             failure = Failure()
             _log.failure("store: COMMIT of {n} calls failed", failure, n=len(held))
-            for call in held:
-                call.fail(failure)
+            _fail_all(held, failure)
             if conn.in_transaction:
                 conn.execute("ROLLBACK")  # if this fails too, the next batch tries again
             return
         self.batches += 1
-        self.calls += len(held)
 
     @staticmethod
     def _undo_one(conn: sqlite3.Connection) -> bool:
@@ -217,6 +206,11 @@ class GroupCommitWorker:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")  # if this fails too, the next batch tries again
             return False
+
+
+def _fail_all(calls: list[_Call], failure: Failure) -> None:
+    for call in calls:
+        call.fail(failure)
 
 
 def _deliver(batch: list[_Call]) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import sqlite3
 import uuid
 from collections.abc import Callable, Collection, Iterator, Sequence
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -49,27 +48,6 @@ _OP_SELECT = "SELECT seq, " + ", ".join(_OP_COLUMNS) + " FROM operations"
 _JSON_OP_FIELDS = frozenset({"params", "result"})
 _SA_COLUMNS = ("distribution_id", *sorted(SA_FIELDS))
 _CHUNK = 500  # bound on bound parameters per statement
-
-
-@contextmanager
-def _transaction(conn: sqlite3.Connection, mode: str = "IMMEDIATE") -> Iterator[None]:
-    """BEGIN ... COMMIT; any exception (or a failed COMMIT) rolls everything back.
-
-    Inside the worker's batch transaction the call already runs under its own SAVEPOINT,
-    which the worker rolls back if this raises. Store functions never BEGIN, COMMIT or
-    ROLLBACK themselves: the worker fails a call that ends the shared transaction.
-    """
-    if conn.in_transaction:
-        yield
-        return
-    conn.execute(f"BEGIN {mode}")
-    try:
-        yield
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
 
 
 def _chunks(seq: Sequence[T]) -> Iterator[Sequence[T]]:
@@ -191,11 +169,16 @@ class SQLiteStore:
 
     # -- plumbing -------------------------------------------------------------------------
 
-    async def _run(self, name: str, fn: Callable[..., T], *args: Any) -> T:
-        if self._worker is None and self._waiting is not None:
+    async def _until_opened(self) -> None:
+        """Wait out an open() in progress (it may fail: callers check the store after)."""
+        if self._waiting is not None:
             opened: defer.Deferred[None] = defer.Deferred()
             self._waiting.append(opened)
             await opened
+
+    async def _run(self, name: str, fn: Callable[..., T], *args: Any) -> T:
+        if self._worker is None:
+            await self._until_opened()
         if self._worker is None or self._conn is None:
             raise StoreError("store is not open")
         return await self._worker.call(name, lambda: self._in_thread(name, fn, *args),
@@ -255,10 +238,7 @@ class SQLiteStore:
         _log.info("store open: {path}", path=str(self.path))
 
     async def close(self) -> None:
-        if self._waiting is not None:  # open() is running: close what it opens
-            opened: defer.Deferred[None] = defer.Deferred()
-            self._waiting.append(opened)
-            await opened
+        await self._until_opened()  # close what a running open() opens
         worker = self._worker
         if worker is None:
             return
@@ -435,49 +415,49 @@ class SQLiteStore:
 
 
 # -- work done in the DB thread (each function gets the connection first) --------------------
+# Each runs inside the worker's batch transaction under a SAVEPOINT of its own, which the
+# worker rolls back if the function raises. None may BEGIN, COMMIT or ROLLBACK: the worker
+# fails a call that ends the shared transaction.
 
 
 def _read_one(conn: sqlite3.Connection, where: str, args: Sequence[Any]) -> Operation | None:
-    with _transaction(conn, "DEFERRED"):
-        return _get_op(conn, where, args)
+    return _get_op(conn, where, args)
 
 
 def _read_many(conn: sqlite3.Connection, sql: str, args: Sequence[Any]) -> list[Operation]:
-    with _transaction(conn, "DEFERRED"):
-        return _load_ops(conn, conn.execute(sql, args).fetchall())
+    return _load_ops(conn, conn.execute(sql, args).fetchall())
 
 
 def _submit(
     conn: sqlite3.Connection, new: NewOperation, operation_id: str, now: float
 ) -> tuple[Operation, bool]:
     params = dump_json(new.params)
-    with _transaction(conn):
-        # The UNIQUE constraint decides, not a prior SELECT: safe against any concurrency.
-        cur = conn.execute(
-            "INSERT INTO operations (operation_id, request_id, distribution_id, operation,"
-            " params, sa_url, method, state, attempts, created_at, updated_at, not_before,"
-            " expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?, ?)"
-            " ON CONFLICT (request_id) DO NOTHING",
-            (
-                operation_id,
-                new.request_id,
-                new.distribution_id,
-                new.operation,
-                params,
-                new.sa_url,
-                new.method,
-                QUEUED,
-                now,
-                now,
-                now,
-                new.expires_at,
-            ),
-        )
-        created = cur.rowcount == 1
-        if created:
-            op = _get_op(conn, "operation_id = ?", (operation_id,))
-        else:
-            op = _get_op(conn, "request_id = ?", (new.request_id,))
+    # The UNIQUE constraint decides, not a prior SELECT: safe against any concurrency.
+    cur = conn.execute(
+        "INSERT INTO operations (operation_id, request_id, distribution_id, operation,"
+        " params, sa_url, method, state, attempts, created_at, updated_at, not_before,"
+        " expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?, ?)"
+        " ON CONFLICT (request_id) DO NOTHING",
+        (
+            operation_id,
+            new.request_id,
+            new.distribution_id,
+            new.operation,
+            params,
+            new.sa_url,
+            new.method,
+            QUEUED,
+            now,
+            now,
+            now,
+            new.expires_at,
+        ),
+    )
+    created = cur.rowcount == 1
+    if created:
+        op = _get_op(conn, "operation_id = ?", (operation_id,))
+    else:
+        op = _get_op(conn, "request_id = ?", (new.request_id,))
     if op is None:  # pragma: no cover - the row was just written or found by the constraint
         raise StoreError("submitted operation vanished")
     return op, created
@@ -505,18 +485,17 @@ def _transition(
     if expect is not None:
         sql += f" AND state IN ({_marks(len(expect))})"
         args.extend(expect)
-    with _transaction(conn):
-        # fetchall: a RETURNING statement must run to completion before COMMIT.
-        rows = conn.execute(sql + " RETURNING seq", args).fetchall()
-        if not rows:
-            return None
-        row = rows[0]
-        if raw is not None:
-            conn.execute(
-                "INSERT INTO operation_raw (op_seq, entry) VALUES (?, ?)", (row[0], dump_json(raw))
-            )
-        _insert_events(conn, events, operation_id, now)
-        return _get_op(conn, "seq = ?", (row[0],))
+    # fetchall: a RETURNING statement must run to completion before COMMIT.
+    rows = conn.execute(sql + " RETURNING seq", args).fetchall()
+    if not rows:
+        return None
+    row = rows[0]
+    if raw is not None:
+        conn.execute(
+            "INSERT INTO operation_raw (op_seq, entry) VALUES (?, ?)", (row[0], dump_json(raw))
+        )
+    _insert_events(conn, events, operation_id, now)
+    return _get_op(conn, "seq = ?", (row[0],))
 
 
 def _next_dispatchable(conn: sqlite3.Connection, now: float, limit: int) -> list[Operation]:
@@ -531,38 +510,35 @@ def _next_dispatchable(conn: sqlite3.Connection, now: float, limit: int) -> list
             WHERE busy.state = ? AND busy.distribution_id = operations.distribution_id
         )
         ORDER BY seq LIMIT ?"""
-    with _transaction(conn, "DEFERRED"):
-        rows = conn.execute(sql, (QUEUED, now, SENDING, limit)).fetchall()
-        return _load_ops(conn, rows)
+    rows = conn.execute(sql, (QUEUED, now, SENDING, limit)).fetchall()
+    return _load_ops(conn, rows)
 
 
 def _forget(conn: sqlite3.Connection, operation_id: str) -> bool:
-    with _transaction(conn):
-        rows = conn.execute(
-            "UPDATE operations SET forgotten = 1, result = NULL WHERE operation_id = ?"
-            " RETURNING seq",
-            (operation_id,),
-        ).fetchall()
-        if not rows:
-            return False
-        conn.execute("DELETE FROM operation_raw WHERE op_seq = ?", (rows[0][0],))
-        return True
+    rows = conn.execute(
+        "UPDATE operations SET forgotten = 1, result = NULL WHERE operation_id = ?"
+        " RETURNING seq",
+        (operation_id,),
+    ).fetchall()
+    if not rows:
+        return False
+    conn.execute("DELETE FROM operation_raw WHERE op_seq = ?", (rows[0][0],))
+    return True
 
 
 def _purge_results(conn: sqlite3.Connection, older_than: float) -> int:
-    with _transaction(conn):
-        seqs = [
-            r[0]
-            for r in conn.execute(
-                "UPDATE operations SET forgotten = 1, result = NULL"
-                f" WHERE forgotten = 0 AND state IN ({FINAL_SQL}) AND updated_at < ?"
-                " RETURNING seq",
-                (older_than,),
-            ).fetchall()
-        ]
-        for part in _chunks(seqs):
-            conn.execute(f"DELETE FROM operation_raw WHERE op_seq IN ({_marks(len(part))})", part)
-        return len(seqs)
+    seqs = [
+        r[0]
+        for r in conn.execute(
+            "UPDATE operations SET forgotten = 1, result = NULL"
+            f" WHERE forgotten = 0 AND state IN ({FINAL_SQL}) AND updated_at < ?"
+            " RETURNING seq",
+            (older_than,),
+        ).fetchall()
+    ]
+    for part in _chunks(seqs):
+        conn.execute(f"DELETE FROM operation_raw WHERE op_seq IN ({_marks(len(part))})", part)
+    return len(seqs)
 
 
 def _sa_get(conn: sqlite3.Connection, distribution_id: str) -> SARecord | None:
@@ -580,15 +556,14 @@ def _sa_update(conn: sqlite3.Connection, distribution_id: str, fields: dict[str,
     if "confirmed" in values:
         values["confirmed"] = int(bool(values["confirmed"]))
     names = list(values)
-    with _transaction(conn):
-        conn.execute(
-            f"INSERT INTO sa_registry (distribution_id, {', '.join(names)})"
-            f" VALUES (?, {_marks(len(names))})"
-            " ON CONFLICT (distribution_id) DO UPDATE SET "
-            + ", ".join(f"{n} = excluded.{n}" for n in names),
-            (distribution_id, *values.values()),
-        )
-        record = _sa_get(conn, distribution_id)
+    conn.execute(
+        f"INSERT INTO sa_registry (distribution_id, {', '.join(names)})"
+        f" VALUES (?, {_marks(len(names))})"
+        " ON CONFLICT (distribution_id) DO UPDATE SET "
+        + ", ".join(f"{n} = excluded.{n}" for n in names),
+        (distribution_id, *values.values()),
+    )
+    record = _sa_get(conn, distribution_id)
     assert record is not None
     return record
 
@@ -606,8 +581,7 @@ def _sa_list(
 
 
 def _add_events(conn: sqlite3.Connection, events: list[dict[str, Any]], now: float) -> None:
-    with _transaction(conn):
-        _insert_events(conn, events, None, now)
+    _insert_events(conn, events, None, now)
 
 
 def _pending_events(conn: sqlite3.Connection, limit: int) -> list[Event]:
@@ -632,36 +606,32 @@ def _pending_events(conn: sqlite3.Connection, limit: int) -> list[Event]:
 
 def _mark_delivered(conn: sqlite3.Connection, seqs: list[int]) -> None:
     # Delivered events are deleted: the RS has them, and the outbox stays small.
-    with _transaction(conn):
-        for part in _chunks(seqs):
-            conn.execute(f"DELETE FROM outbox WHERE seq IN ({_marks(len(part))})", part)
+    for part in _chunks(seqs):
+        conn.execute(f"DELETE FROM outbox WHERE seq IN ({_marks(len(part))})", part)
 
 
 def _note_event_attempt(conn: sqlite3.Connection, seq: int) -> None:
-    with _transaction(conn):
-        conn.execute("UPDATE outbox SET attempts = attempts + 1 WHERE seq = ?", (seq,))
+    conn.execute("UPDATE outbox SET attempts = attempts + 1 WHERE seq = ?", (seq,))
 
 
 def _add_orphan_done(conn: sqlite3.Connection, row: tuple[Any, ...]) -> int:
-    with _transaction(conn):
-        cur = conn.execute(
-            "INSERT INTO orphan_dones (distribution_id, sa_transaction_id, type, xml,"
-            " received_at) VALUES (?, ?, ?, ?, ?)",
-            row,
-        )
-        assert cur.lastrowid is not None
-        return cur.lastrowid
+    cur = conn.execute(
+        "INSERT INTO orphan_dones (distribution_id, sa_transaction_id, type, xml,"
+        " received_at) VALUES (?, ?, ?, ?, ?)",
+        row,
+    )
+    assert cur.lastrowid is not None
+    return cur.lastrowid
 
 
 def _take_orphan_dones(
     conn: sqlite3.Connection, distribution_id: str, sa_transaction_id: int
 ) -> list[OrphanDone]:
-    with _transaction(conn):
-        rows = conn.execute(
-            "DELETE FROM orphan_dones WHERE distribution_id = ? AND sa_transaction_id = ?"
-            " RETURNING seq, distribution_id, sa_transaction_id, type, xml, received_at",
-            (distribution_id, sa_transaction_id),
-        ).fetchall()
+    rows = conn.execute(
+        "DELETE FROM orphan_dones WHERE distribution_id = ? AND sa_transaction_id = ?"
+        " RETURNING seq, distribution_id, sa_transaction_id, type, xml, received_at",
+        (distribution_id, sa_transaction_id),
+    ).fetchall()
     orphans = [
         OrphanDone(
             distribution_id=r["distribution_id"],
@@ -677,10 +647,9 @@ def _take_orphan_dones(
 
 
 def _purge_orphan_dones(conn: sqlite3.Connection, older_than: float) -> int:
-    with _transaction(conn):
-        return conn.execute(
-            "DELETE FROM orphan_dones WHERE received_at < ?", (older_than,)
-        ).rowcount
+    return conn.execute(
+        "DELETE FROM orphan_dones WHERE received_at < ?", (older_than,)
+    ).rowcount
 
 
 # Calls that only read: a batch of nothing else takes no write lock (BEGIN DEFERRED), so they
