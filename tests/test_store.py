@@ -558,13 +558,18 @@ async def test_old_schema_is_migrated_and_keeps_data(tmp_path, clock):
         conn.close()
 
 
-@pytest_twisted.ensureDeferred
-async def test_a_newer_schema_is_refused(tmp_path, clock):
+def future_schema_db(tmp_path):
+    """A database written by a newer armsproxy (schema version 99)."""
     path = tmp_path / "future.db"
     conn = sqlite3.connect(path)
     conn.execute("PRAGMA user_version = 99")
     conn.close()
-    s = SQLiteStore(path, reactor=reactor, clock=clock)
+    return path
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_newer_schema_is_refused(tmp_path, clock):
+    s = SQLiteStore(future_schema_db(tmp_path), reactor=reactor, clock=clock)
     with pytest.raises(StoreError, match="newer"):
         await s.open()
     assert not [t for t in threading.enumerate() if "armsproxy-store" in t.name]  # stopped
@@ -600,11 +605,7 @@ async def test_close_while_opening_closes_what_open_opens(tmp_path, clock):
 
 @pytest_twisted.ensureDeferred
 async def test_a_store_that_cannot_open_fails_the_waiting_calls(tmp_path, clock):
-    path = tmp_path / "future.db"
-    conn = sqlite3.connect(path)
-    conn.execute("PRAGMA user_version = 99")
-    conn.close()
-    s = SQLiteStore(path, reactor=reactor, clock=clock)
+    s = SQLiteStore(future_schema_db(tmp_path), reactor=reactor, clock=clock)
     opening = defer.ensureDeferred(s.open())
     early = defer.ensureDeferred(s.get("x"))
     with pytest.raises(StoreError, match="newer"):
