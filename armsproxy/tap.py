@@ -7,6 +7,8 @@ newcomer can point a device (or ``armsproxy-sasim``) at it at once.
 
 from __future__ import annotations
 
+import os
+import stat
 import sys
 from pathlib import Path
 from typing import Any
@@ -55,6 +57,7 @@ class Options(usage.Options):
         sys.exit(0)
 
     def postOptions(self) -> None:
+        _refuse_device_logfile(getattr(self, "parent", None))
         try:
             if self["config"]:
                 self["cfg"] = load(Path(self["config"]))
@@ -273,6 +276,26 @@ def _add_demo_rs(cfg: Config, top: service.MultiService, reactor: Any) -> None:
         "DISTID --key KEY\n",
         flush=True,
     )
+
+
+def _refuse_device_logfile(twistd_options: Any) -> None:
+    """twistd rotates its ``--logfile`` every 1 MB by renaming it and creating a new file.
+
+    Given a device (``/dev/null``) or a pipe, a root twistd renames the device itself and leaves
+    a regular file in its place, breaking every program on the host; refuse before that.
+    """
+    name = twistd_options.get("logfile") if twistd_options is not None else None
+    if not name or name == "-":
+        return
+    try:
+        mode = os.stat(name).st_mode
+    except OSError:
+        return  # twistd creates it: a regular file
+    if not stat.S_ISREG(mode):
+        raise usage.UsageError(
+            f"--logfile {name} is not a regular file: twistd rotates its log file by renaming "
+            "it, which would move the device or pipe itself. To drop or redirect the log, run "
+            "with -n --logfile=- and redirect standard output, or use --syslog.")
 
 
 def makeService(options: Options) -> service.IService:

@@ -209,8 +209,8 @@ def main() -> None:
         data = work / "data"
         proxy_port, rs_port, bare_port = free_port(), free_port(), free_port()
         proxy = child(tmp, "-c", "from twisted.scripts.twistd import run; run()", "-n",
-                      "--pidfile=", "--logfile=/dev/null", "armsproxy", "--data-dir", str(data),
-                      "--port", str(proxy_port), "--rs-port", str(rs_port))
+                      "--pidfile=", f"--logfile={work / 'twistd.log'}", "armsproxy",
+                      "--data-dir", str(data), "--port", str(proxy_port), "--rs-port", str(rs_port))
         procs = [proxy]
         try:
             wait_port(proxy_port, proxy)

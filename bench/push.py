@@ -654,7 +654,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             sa_port, rs_port, gate_port = free_port(), free_port(), free_port()
             profile = work / "proxy.prof"
             twistd = ["-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=",
-                      "--logfile=/dev/null"]
+                      f"--logfile={work / 'twistd.log'}"]
             if args.profile:
                 twistd += [f"--profile={profile}", "--profiler=cprofile", "--savestats"]
             twistd += ["armsproxy", "--data-dir", str(work / "data"), "--port", str(sa_port),

@@ -1156,8 +1156,8 @@ def run(args: argparse.Namespace) -> int:
                          str(rs_port), "--rs-gate-port", str(gate_port)]
             with _environ(env_extra):
                 proxy = push.spawn(
-                    ["-c", _PROXY_BOOT, "-n", "--pidfile=", "--logfile=/dev/null", "armsproxy",
-                     *where], work, proxy_log)
+                    ["-c", _PROXY_BOOT, "-n", "--pidfile=", f"--logfile={work / 'twistd.log'}",
+                     "armsproxy", *where], work, proxy_log)
             push.wait_until(lambda: push.port_open(sa_port)() and push.port_open(gate_port)()
                             and push.port_open(rs_port)(), proxy, proxy_log, "armsproxy", 60)
             reg_seconds = register_sas(work / "data" / "demo-rs.sqlite", w + n)

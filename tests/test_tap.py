@@ -9,18 +9,21 @@ import os
 import re
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import pytest
 import pytest_twisted
 from twisted.internet import reactor, threads
+from twisted.python import usage
 
 from armsproxy import pki
 from armsproxy.config import Config, load
 from armsproxy.demo_rs import cli as demo_cli
-from armsproxy.tap import build_services
+from armsproxy.tap import Options, build_services
 from armsproxy.tools.sasim import SimulatedSA
 
 ROOT = Path(__file__).parent.parent
@@ -68,6 +71,35 @@ def test_bad_config_is_refused_with_a_clear_message(tmp_path):
                          env=_env(), capture_output=True, text=True, timeout=60)
     assert out.returncode != 0
     assert "literal IP address" in out.stdout + out.stderr
+
+
+def test_a_device_as_logfile_is_refused_before_twistd_can_rotate_it(tmp_path):
+    # twistd renames its log file every 1 MB; as root, --logfile=/dev/null once replaced the
+    # host's /dev/null with a regular file.
+    out = subprocess.run([*TWISTD, "-n", "--pidfile=", "--logfile=/dev/null", "armsproxy",
+                          "--data-dir", str(tmp_path / "data")],
+                         env=_env(), capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0
+    assert "--logfile /dev/null is not a regular file" in out.stdout + out.stderr
+    assert stat.S_ISCHR(os.stat("/dev/null").st_mode)
+    assert not (tmp_path / "data").exists()  # refused before anything started
+
+
+def test_logfile_check_accepts_files_stdout_and_no_logfile(tmp_path):
+    existing = tmp_path / "existing.log"
+    existing.write_text("old line\n")
+    for logfile in (str(tmp_path / "new.log"), str(existing), "-", "", None):
+        _options_with_parent(logfile).parseOptions(["--data-dir", str(tmp_path / "data")])
+    fifo = tmp_path / "log.fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(usage.UsageError, match="not a regular file"):
+        _options_with_parent(str(fifo)).parseOptions([])
+
+
+def _options_with_parent(logfile: str | None) -> Options:
+    options = Options()
+    options.parent = {} if logfile is None else {"logfile": logfile}
+    return options
 
 
 def _register(db: Path, pki_dir: Path) -> None:
