@@ -75,7 +75,8 @@ Measured here (2 cores, virtio disk, TLS 1.3 unless said), 1,000 and 10,000 tunn
 * memory: 42.1 KiB per idle tunnel at 1,000 and 41.1 at 10,000 (marginal 40.6); with
   ``--tls-max 1.2`` 31.9 KiB. gc.collect() and malloc_trim() change nothing: it is live. Of
   it, OpenSSL (cryptography's bundled 4.0) ~33.5 KiB per TLS 1.3 connection (~24.6 for 1.2),
-  16 KiB of which an SSL object takes before any byte; Python objects ~8 KiB.
+  16 KiB of which an SSL object takes before any byte (``bench/tls_memory.py``); Python
+  objects ~8 KiB.
 * setup: ~7-8 ms of armsproxy CPU per tunnel, 135-150 tunnels/s; 10,000 in 74 s.
 * operations, before group commit: 350-430 ops/s at most (1,000 offered), armsproxy then at
   one full core (2.5-2.8 ms CPU per operation: ~1.5 reactor thread, ~1 SQLite thread, one GIL)
