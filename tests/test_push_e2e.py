@@ -50,8 +50,8 @@ class RS:
 
     async def call(self, method: str, *args):
         def run():
-            proxy = xmlrpc.client.ServerProxy(self.url, allow_none=False)
-            return getattr(proxy, method)(*args)
+            with xmlrpc.client.ServerProxy(self.url, allow_none=False) as proxy:
+                return getattr(proxy, method)(*args)
 
         return await threads.deferToThread(run)
 
@@ -184,7 +184,8 @@ async def demo_events(cfg) -> list[dict]:
     url = cfg.rs_url
 
     def run():
-        return xmlrpc.client.ServerProxy(url).demo.events(0)
+        with xmlrpc.client.ServerProxy(url) as proxy:
+            return proxy.demo.events(0)
 
     return await threads.deferToThread(run)
 

@@ -111,8 +111,8 @@ db = {self.data / "demo-rs.sqlite"}
         self.log.close()
 
     def rs(self, method: str, *args):
-        proxy = xmlrpc.client.ServerProxy(f"http://127.0.0.1:{self.gate_port}/RPC2")
-        return getattr(proxy, method)(*args)
+        with xmlrpc.client.ServerProxy(f"http://127.0.0.1:{self.gate_port}/RPC2") as proxy:
+            return getattr(proxy, method)(*args)
 
 
 async def call(proxy: Proxy, method: str, *args):

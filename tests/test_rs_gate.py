@@ -577,6 +577,7 @@ class UnixTransport(xmlrpc.client.Transport):
         self.path = path
 
     def make_connection(self, host):
+        self.close()  # kept in _connection, as the base class does, so that close() closes it
         conn = http.client.HTTPConnection("localhost")
         path = self.path
 
@@ -585,6 +586,7 @@ class UnixTransport(xmlrpc.client.Transport):
             conn.sock.connect(path)
 
         conn.connect = connect
+        self._connection = host, conn
         return conn
 
 

@@ -188,10 +188,12 @@ def _rs_gate_version(socket_path: str) -> str:
 
     class UnixTransport(xmlrpc.client.Transport):
         def make_connection(self, host):
-            return UnixConnection("localhost")
+            self.close()  # kept in _connection, as the base class does, so close() closes it
+            self._connection = host, UnixConnection("localhost")
+            return self._connection[1]
 
-    proxy = xmlrpc.client.ServerProxy("http://localhost/RPC2", transport=UnixTransport())
-    return proxy.arms.interface_version()
+    with xmlrpc.client.ServerProxy("http://localhost/RPC2", transport=UnixTransport()) as proxy:
+        return proxy.arms.interface_version()
 
 
 @pytest_twisted.ensureDeferred

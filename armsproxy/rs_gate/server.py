@@ -69,6 +69,9 @@ class _BoundedRequest(server.Request):
         # The request was not received yet, so the normal response path is not open; answer
         # the way Twisted answers a malformed request: a fixed response, then close.
         self._over_limit = True
+        received = getattr(self, "content", None)
+        if received is not None:
+            received.close()  # a chunked body's is a temporary file: give its descriptor back
         self.content = BytesIO()
         channel = self.channel
         log.warn("rs gate: {peer}: {what} is over the {limit} byte limit; answered 413",
