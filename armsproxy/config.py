@@ -61,6 +61,8 @@ class Config:
     # RS gate (XML-RPC for the RS)
     rs_gate_listen: str = "tcp:8780:interface=127.0.0.1"
     rs_gate_client_ca: Path | None = None  # required client certificates for ssl:
+    # management gate (/healthz, /readyz, /metrics); empty: no such listener
+    management_listen: str = ""
     # embedded demo RS (the default when no configuration file is given)
     demo_rs: bool = False
     demo_rs_listen: str = "tcp:8790:interface=127.0.0.1"
@@ -196,6 +198,7 @@ def load(path: Path) -> Config:
             results_ttl=parser.getfloat("store", "results_ttl", fallback=7 * 86400.0),
             rs_gate_listen=get("rs_gate", "listen", fallback="tcp:8780:interface=127.0.0.1"),
             rs_gate_client_ca=_path(get("rs_gate", "client_ca", fallback=None), base),
+            management_listen=get("management", "listen", fallback=""),
             demo_rs=parser.getboolean("demo_rs", "enabled", fallback=False),
             demo_rs_listen=get("demo_rs", "listen", fallback="tcp:8790:interface=127.0.0.1"),
             demo_rs_db=_path(get("demo_rs", "db", fallback=None), base),
@@ -207,8 +210,10 @@ def load(path: Path) -> Config:
 
 
 def embedded(data_dir: Path, *, port: int = 8443, rs_port: int = 8790,
-             rs_gate_port: int = 8780, host: str = "127.0.0.1") -> Config:
-    """Proxy + demo RS on loopback with a generated dev PKI under ``data_dir``."""
+             rs_gate_port: int = 8780, management_port: int | None = None,
+             host: str = "127.0.0.1") -> Config:
+    """Proxy + demo RS on loopback with a generated dev PKI under ``data_dir``; the management
+    gate too if ``management_port`` is given (``twistd armsproxy`` gives 8781)."""
     pki = data_dir / "pki"
     return validate(Config(
         data_dir=data_dir,
@@ -222,4 +227,6 @@ def embedded(data_dir: Path, *, port: int = 8443, rs_port: int = 8790,
         sa_ca=pki / "ca.pem",  # the dev CA issues both the gate's and the SAs' certificates
         tunnel_urls=[f"https://{host}:{port}/arms-tunnel"],
         rs_gate_listen=f"tcp:{rs_gate_port}:interface=127.0.0.1",
+        management_listen=(f"tcp:{management_port}:interface=127.0.0.1"
+                           if management_port else ""),
     ))

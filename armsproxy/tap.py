@@ -23,6 +23,7 @@ from twisted.python.failure import Failure
 
 from . import __version__
 from .config import Config, ConfigError, embedded, load
+from .management import ManagementResource, ManagementSite
 from .push.client import SAPushClient
 from .push.engine import PushEngine, PushSettings
 from .push.outbox import EventOutbox
@@ -50,6 +51,9 @@ class Options(usage.Options):
         ["port", "p", "8443", "SA gate port for the embedded default."],
         ["rs-port", None, "8790", "Demo RS port for the embedded default."],
         ["rs-gate-port", None, "8780", "RS gate (XML-RPC) port for the embedded default."],
+        ["management-port", None, "8781",
+         "Management gate port (/healthz, /readyz, /metrics) for the embedded default; "
+         "0: none."],
     ]
 
     def opt_version(self) -> None:
@@ -67,6 +71,7 @@ class Options(usage.Options):
                     port=int(self["port"]),
                     rs_port=int(self["rs-port"]),
                     rs_gate_port=int(self["rs-gate-port"]),
+                    management_port=int(self["management-port"]),
                 )
         except (ConfigError, ValueError) as e:
             raise usage.UsageError(str(e)) from None
@@ -214,11 +219,27 @@ def build_services(cfg: Config, reactor: Any = None) -> service.MultiService:
     sa_gate = StreamServerEndpointService(listener, factory)
     sa_gate.setName("sa-gate")
     sa_gate.setServiceParent(top)
+    if cfg.management_listen:
+        _add_management(cfg, top, reactor, store, relay, tunnels)
     top.relay = relay  # type: ignore[attr-defined]  # for tests and the management view
     top.engine = engine  # type: ignore[attr-defined]
     top.tunnels = tunnels  # type: ignore[attr-defined]
     top.store = store  # type: ignore[attr-defined]
     return top
+
+
+def _add_management(cfg: Config, top: service.MultiService, reactor: Any, store: SQLiteStore,
+                    relay: PullRelay, tunnels: TunnelRegistry) -> None:
+    try:
+        endpoint = serverFromString(reactor, cfg.management_listen)
+    except (ValueError, TypeError, KeyError) as e:
+        raise usage.UsageError(
+            f"[management] listen {cfg.management_listen!r}: not an endpoint ({e})") from None
+    resource = ManagementResource(store=store, sa_gate_counts=relay.stats,
+                                  tunnel_counts=tunnels.counts, clock=reactor)
+    management = StreamServerEndpointService(endpoint, ManagementSite(resource, reactor))
+    management.setName("management")
+    management.setServiceParent(top)
 
 
 class _TunnelHooks:
@@ -272,6 +293,7 @@ def _add_demo_rs(cfg: Config, top: service.MultiService, reactor: Any) -> None:
         f"  CA key (issues SA certificates):               {pki.ca_key_path}\n"
         f"  demo RS (XML-RPC):                             {cfg.rs_url}\n"
         f"  RS gate (XML-RPC, push.submit...):             {cfg.rs_gate_listen}\n"
+        f"  management (/healthz, /readyz, /metrics):      {cfg.management_listen or 'off'}\n"
         f"  register a device: armsproxy-demo-rs --db {cfg.demo_rs_db} register "
         "DISTID --key KEY\n",
         flush=True,

@@ -210,7 +210,8 @@ def main() -> None:
         proxy_port, rs_port, bare_port = free_port(), free_port(), free_port()
         proxy = child(tmp, "-c", "from twisted.scripts.twistd import run; run()", "-n",
                       "--pidfile=", f"--logfile={work / 'twistd.log'}", "armsproxy",
-                      "--data-dir", str(data), "--port", str(proxy_port), "--rs-port", str(rs_port))
+                      "--data-dir", str(data), "--port", str(proxy_port), "--rs-port", str(rs_port),
+                      "--rs-gate-port", str(free_port()), "--management-port", "0")
         procs = [proxy]
         try:
             wait_port(proxy_port, proxy)

@@ -658,7 +658,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.profile:
                 twistd += [f"--profile={profile}", "--profiler=cprofile", "--savestats"]
             twistd += ["armsproxy", "--data-dir", str(work / "data"), "--port", str(sa_port),
-                       "--rs-port", str(rs_port), "--rs-gate-port", str(gate_port)]
+                       "--rs-port", str(rs_port), "--rs-gate-port", str(gate_port),
+                       "--management-port", "0"]
             proxy_log = work / "proxy.log"
             proxy = spawn(twistd, work, proxy_log)
             procs.append(proxy)

@@ -1154,7 +1154,7 @@ def run(args: argparse.Namespace) -> int:
                 push.wait_until(push.port_open(rs_port), rs_proc, rs_log, "demo RS", 30)
             else:
                 where = ["--data-dir", str(work / "data"), "--port", str(sa_port), "--rs-port",
-                         str(rs_port), "--rs-gate-port", str(gate_port)]
+                         str(rs_port), "--rs-gate-port", str(gate_port), "--management-port", "0"]
             with _environ(env_extra):
                 proxy = push.spawn(
                     ["-c", _PROXY_BOOT, "-n", "--pidfile=", f"--logfile={work / 'twistd.log'}",

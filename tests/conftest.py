@@ -8,6 +8,7 @@ the server framed its answer on the wire.
 
 from __future__ import annotations
 
+import http.client
 import socket
 import ssl
 import time
@@ -217,3 +218,31 @@ def tls_exchange(
 async def sa_exchange(port: int, steps: Sequence[Step], **kwargs: object) -> Exchange:
     """``tls_exchange`` in a thread, so the reactor keeps serving while the client blocks."""
     return await threads.deferToThread(tls_exchange, port, steps, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Plain HTTP client (management gate)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class HTTPAnswer:
+    status: int
+    content_type: str
+    body: str
+
+
+def _http_request(port: int, path: str, method: str) -> HTTPAnswer:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        connection.request(method, path)
+        response = connection.getresponse()
+        body = response.read().decode("utf-8")
+        return HTTPAnswer(response.status, response.getheader("content-type") or "", body)
+    finally:
+        connection.close()
+
+
+async def http_get(port: int, path: str, method: str = "GET") -> HTTPAnswer:
+    """One request over a real TCP connection, from a thread: the reactor keeps serving."""
+    return await threads.deferToThread(_http_request, port, path, method)

@@ -137,6 +137,19 @@ async def test_unencodable_params_store_nothing(store):
     assert count(store.path, "SELECT COUNT(*) FROM operations") == 0
 
 
+@pytest_twisted.ensureDeferred
+async def test_backlog_counts_operations_not_final_and_undelivered_events(store):
+    assert await store.backlog() == {"queued": 0, "sending": 0, "started": 0, "events": 0}
+    ops = [(await store.submit(new_op()))[0] for _ in range(4)]
+    await store.transition(ops[0].operation_id, expect=["queued"], state="sending",
+                           events=[ev("operation.sending")])
+    await store.transition(ops[1].operation_id, expect=["queued"], state="succeeded",
+                           events=[ev("operation.succeeded")])
+    assert await store.backlog() == {"queued": 2, "sending": 1, "started": 0, "events": 2}
+    await store.mark_delivered([e.seq for e in await store.pending_events(10)])
+    assert (await store.backlog())["events"] == 0
+
+
 # -- transition ----------------------------------------------------------------------------
 
 
@@ -649,6 +662,7 @@ async def test_no_store_call_runs_on_the_reactor_thread(store):
     (event,) = await store.pending_events(1)
     await store.note_event_attempt(event.seq)
     await store.mark_delivered([event.seq])
+    await store.backlog()
     await store.add_orphan_done(SA_A, 1, "ping-done", "<x/>", T0)
     await store.take_orphan_dones(SA_A, 1)
     await store.purge_orphan_dones(T0)

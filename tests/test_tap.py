@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import pytest_twisted
+from conftest import http_get
 from twisted.internet import reactor, threads
 from twisted.python import usage
 
@@ -132,11 +133,12 @@ async def _device_sequence(url: str, ca_pem: bytes, tunnel_url: str | None = Non
 
 @pytest_twisted.ensureDeferred
 async def test_embedded_default_serves_a_device(tmp_path):
-    port, rs_port = _free_port(), _free_port()
+    port, rs_port, gate_port, management_port = (_free_port() for _ in range(4))
     data = tmp_path / "data"
     proc = subprocess.Popen(
         [*TWISTD, "-n", "--pidfile=", "armsproxy", "--data-dir", str(data),
-         "--port", str(port), "--rs-port", str(rs_port)],
+         "--port", str(port), "--rs-port", str(rs_port), "--rs-gate-port", str(gate_port),
+         "--management-port", str(management_port)],
         env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:
@@ -155,6 +157,10 @@ async def test_embedded_default_serves_a_device(tmp_path):
         await _device_sequence(f"https://127.0.0.1:{port}/arms",
                                (data / "pki" / "ca.pem").read_bytes(),
                                tunnel_url=f"https://127.0.0.1:{port}/arms-tunnel")
+        assert f"management (/healthz, /readyz, /metrics):      tcp:{management_port}:" in text
+        assert await _http_get(management_port, "/healthz") == "ok\n"
+        metrics = await _http_get(management_port, "/metrics")
+        assert 'armsproxy_sa_gate_events_total{event="rejected.unauthorized"} 1' in metrics
     finally:
         proc.send_signal(signal.SIGTERM)
         rest, _ = proc.communicate(timeout=30)
@@ -166,6 +172,7 @@ async def test_embedded_default_serves_a_device(tmp_path):
 
 def test_etc_example_loads():
     cfg = load(ROOT / "etc" / "armsproxy.conf")
+    assert cfg.management_listen == "tcp:8781:interface=127.0.0.1"
     assert cfg.sa_listen.startswith("ssl:443:")
     assert cfg.public_urls == ["https://203.0.113.20/arms"]
     assert cfg.tls_minimum_version == "1.2"
@@ -175,6 +182,12 @@ def test_etc_example_loads():
     # The TLS 1.0 opt-in is shown, commented.
     assert re.search(r"^# tls_minimum_version = 1\.0$",
                      (ROOT / "etc" / "armsproxy.conf").read_text(), re.M)
+
+
+async def _http_get(port: int, path: str) -> str:
+    answer = await http_get(port, path)
+    assert answer.status == 200, answer
+    return answer.body
 
 
 def _rs_gate_version(socket_path: str) -> str:
@@ -214,6 +227,8 @@ async def test_etc_example_runs_with_real_files(tmp_path):
     text = re.sub(r"^ca = .*$", "", text, flags=re.M)
     text = text.replace("/var/lib/armsproxy", str(tmp_path / "state"))
     text = text.replace("unix:/run/armsproxy/rs.sock", f"unix:{tmp_path}/rs.sock")
+    management_port = _free_port()
+    text = text.replace("tcp:8781:", f"tcp:{management_port}:")
     text += (f"\n[demo_rs]\nenabled = yes\nlisten = tcp:{rs_port}:interface=127.0.0.1\n"
              f"db = {tmp_path / 'rs.sqlite'}\n")
     conf = tmp_path / "armsproxy.conf"
@@ -230,5 +245,9 @@ async def test_etc_example_runs_with_real_files(tmp_path):
         # The RS gate of the example answers on its unix socket.
         version = await threads.deferToThread(_rs_gate_version, str(tmp_path / "rs.sock"))
         assert version == "1.0"
+        # And its management gate reports the device's requests.
+        metrics = await _http_get(management_port, "/metrics")
+        assert 'armsproxy_sa_gate_events_total{event="request.config-solicitation"} 1' in metrics
+        assert await _http_get(management_port, "/readyz") == "ready\n"
     finally:
         await top.stopService()

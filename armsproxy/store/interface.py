@@ -97,6 +97,11 @@ class Store(Protocol):
 
     async def note_event_attempt(self, seq: int) -> None: ...
 
+    async def backlog(self) -> dict[str, int]:
+        """Operations not yet final, by state (every state present), and undelivered events
+        (``"events"``): what the management gate's ``/metrics`` reports. Reads indexes only,
+        so it stays cheap however many results are kept."""
+
     # -- orphan done-requests -------------------------------------------------------------
 
     async def add_orphan_done(

@@ -23,6 +23,7 @@ from twisted.logger import Logger
 from armsproxy.store.group_commit import GroupCommitWorker
 from armsproxy.store.migrations import FINAL_SQL, migrate
 from armsproxy.store.model import (
+    FINAL,
     MUTABLE_FIELDS,
     OPERATION_COLUMNS,
     QUEUED,
@@ -389,6 +390,9 @@ class SQLiteStore:
     async def note_event_attempt(self, seq: int) -> None:
         await self._run("note_event_attempt", _note_event_attempt, int(seq))
 
+    async def backlog(self) -> dict[str, int]:
+        return await self._run("backlog", _backlog)
+
     # -- orphan done-requests -------------------------------------------------------------
 
     async def add_orphan_done(
@@ -584,6 +588,16 @@ def _add_events(conn: sqlite3.Connection, events: list[dict[str, Any]], now: flo
     _insert_events(conn, events, None, now)
 
 
+def _backlog(conn: sqlite3.Connection) -> dict[str, int]:
+    active = sorted(STATES - FINAL)
+    counts = dict.fromkeys(active, 0)
+    counts.update(conn.execute(  # operations_state_sa: an index range per state
+        f"SELECT state, COUNT(*) FROM operations WHERE state IN ({', '.join('?' * len(active))})"
+        " GROUP BY state", active).fetchall())
+    counts["events"] = conn.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
+    return counts
+
+
 def _pending_events(conn: sqlite3.Connection, limit: int) -> list[Event]:
     rows = conn.execute(
         "SELECT seq, kind, operation_id, distribution_id, payload, created_at, attempts"
@@ -655,4 +669,4 @@ def _purge_orphan_dones(conn: sqlite3.Connection, older_than: float) -> int:
 # Calls that only read: a batch of nothing else takes no write lock (BEGIN DEFERRED), so they
 # never wait for another process writing the file.
 _READS = frozenset({_read_one, _read_many, _next_dispatchable, _sa_get, _sa_list,
-                    _pending_events})
+                    _pending_events, _backlog})

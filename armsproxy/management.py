@@ -1,0 +1,171 @@
+"""The management gate: ``/healthz``, ``/readyz`` and ``/metrics`` for the operator's monitoring.
+
+A listener of its own (design.md §3): monitoring needs neither SA credentials nor the RS's
+trust, and it keeps answering while either gate is busy or its peer is down. Read-only; no
+request here changes anything.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import server
+from twisted.web.resource import Resource
+
+log = Logger()
+
+CONTENT_TYPE_METRICS = b"text/plain; version=0.0.4; charset=utf-8"  # Prometheus text format
+STORE_TIMEOUT = 5.0
+
+
+class ManagementResource(Resource):
+    """``/healthz``: the reactor answers. ``/readyz``: the store answers a read within
+    ``store_timeout`` (an SA's done-request or an RS order cannot be taken without it).
+    ``/metrics``: counters and gauges; the in-memory ones are served even with the store down."""
+
+    isLeaf = True
+
+    def __init__(
+        self,
+        *,
+        store: Any,
+        sa_gate_counts: Mapping[str, int],
+        tunnel_counts: Callable[[], Mapping[str, int]],
+        clock: IReactorTime,
+        store_timeout: float = STORE_TIMEOUT,
+    ) -> None:
+        super().__init__()
+        self._store = store
+        self._sa_gate_counts = sa_gate_counts
+        self._tunnel_counts = tunnel_counts
+        self._clock = clock
+        self._store_timeout = store_timeout
+        self._started_at = clock.seconds()
+
+    def render(self, request: server.Request) -> bytes | int:
+        if request.method not in (b"GET", b"HEAD"):  # HEAD: twisted.web drops the body
+            request.setHeader(b"allow", b"GET, HEAD")
+            return _text(request, 405, b"method not allowed: GET or HEAD\n")
+        return self.render_GET(request)
+
+    def render_GET(self, request: server.Request) -> bytes | int:
+        if request.path == b"/healthz":
+            return _text(request, 200, b"ok\n")
+        if request.path in (b"/readyz", b"/metrics"):
+            handler = self._readyz if request.path == b"/readyz" else self._metrics
+            d = defer.ensureDeferred(handler(request))
+            d.addErrback(self._failed, request)
+            return server.NOT_DONE_YET
+        return _text(request, 404, b"not found: /healthz, /readyz, /metrics\n")
+
+    async def _backlog(self) -> dict[str, int] | None:
+        """The store's backlog, or None if it fails or takes longer than ``store_timeout``."""
+        answer: defer.Deferred[dict[str, int] | None] = defer.Deferred()
+
+        def settle(result: object) -> None:
+            if answer.called:
+                return
+            if isinstance(result, Failure):
+                log.warn("management: store read failed: {error}", error=result.getErrorMessage())
+                result = None
+            answer.callback(result)  # type: ignore[arg-type]
+
+        timer = self._clock.callLater(self._store_timeout, settle, Failure(
+            TimeoutError(f"no answer in {self._store_timeout:g} s")))
+        defer.ensureDeferred(self._store.backlog()).addBoth(settle)
+        result = await answer
+        if timer.active():
+            timer.cancel()
+        return result
+
+    async def _readyz(self, request: server.Request) -> None:
+        backlog = await self._backlog()
+        if backlog is None:
+            _finish(request, 503, b"not ready: the store does not answer\n")
+        else:
+            _finish(request, 200, b"ready\n")
+
+    async def _metrics(self, request: server.Request) -> None:
+        backlog = await self._backlog()
+        body = render_metrics(
+            started_at=self._started_at, sa_gate=self._sa_gate_counts,
+            tunnels=self._tunnel_counts(), backlog=backlog,
+        )
+        _finish(request, 200, body, CONTENT_TYPE_METRICS)
+
+    def _failed(self, failure: Failure, request: server.Request) -> None:
+        log.failure("management: {path} failed", failure, path=request.path)
+        _finish(request, 500, b"internal error (logged)\n")
+
+
+def render_metrics(
+    *,
+    started_at: float,
+    sa_gate: Mapping[str, int],
+    tunnels: Mapping[str, int],
+    backlog: Mapping[str, int] | None,
+) -> bytes:
+    """Prometheus text exposition (format 0.0.4) of what armsproxy knows about itself."""
+    lines: list[str] = []
+
+    def metric(name: str, kind: str, help_: str, samples: list[tuple[str, float]]) -> None:
+        lines.append(f"# HELP armsproxy_{name} {help_}")
+        lines.append(f"# TYPE armsproxy_{name} {kind}")
+        lines.extend(f"armsproxy_{name}{labels} {value:g}" for labels, value in samples)
+
+    metric("start_time_seconds", "gauge", "When this process started (Unix time).",
+           [("", started_at)])
+    metric("sa_gate_events_total", "counter",
+           "SA gate requests by type and refusals by reason, since start.",
+           [(_label("event", name), count) for name, count in sorted(sa_gate.items())])
+    metric("tunnels", "gauge",
+           "https-tunnels: open (past their 200 header), registered, live (confirmed), "
+           "and SAs holding one (distids).",
+           [(_label("kind", kind), count) for kind, count in sorted(tunnels.items())])
+    metric("store_up", "gauge", "1 if the store answered this scrape in time, else 0.",
+           [("", 0 if backlog is None else 1)])
+    if backlog is not None:
+        states = {k: v for k, v in backlog.items() if k != "events"}
+        metric("operations", "gauge", "Push operations not yet final, by state.",
+               [(_label("state", state), n) for state, n in sorted(states.items())])
+        metric("events_pending", "gauge", "Events not yet delivered to the RS (outbox).",
+               [("", backlog.get("events", 0))])
+    return ("\n".join(lines) + "\n").encode("utf-8")
+
+
+def _label(name: str, value: str) -> str:
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return f'{{{name}="{escaped}"}}'
+
+
+def _text(request: server.Request, code: int, body: bytes,
+          content_type: bytes = b"text/plain; charset=utf-8") -> bytes:
+    request.setResponseCode(code)
+    request.setHeader(b"content-type", content_type)
+    request.setHeader(b"cache-control", b"no-store")
+    return body
+
+
+def _finish(request: server.Request, code: int, body: bytes,
+            content_type: bytes = b"text/plain; charset=utf-8") -> None:
+    if request.finished or request.channel is None:  # the client went away meanwhile
+        return
+    request.write(_text(request, code, body, content_type))
+    request.finish()
+
+
+class ManagementSite(server.Site):
+    """No access-log line per scrape: a monitor polling every few seconds would drown the log."""
+
+    def __init__(self, resource: ManagementResource, reactor: Any = None) -> None:
+        super().__init__(resource, reactor=reactor)
+        self.noisy = False
+        self.displayTracebacks = False
+
+    def log(self, request: server.Request) -> None:
+        pass

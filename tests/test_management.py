@@ -1,0 +1,157 @@
+"""The management gate: /healthz, /readyz, /metrics over real TCP, against a real store."""
+
+from __future__ import annotations
+
+import re
+import socket
+
+import pytest_twisted
+from conftest import http_get
+from twisted.internet import defer, reactor, task
+from twisted.internet.endpoints import TCP4ServerEndpoint
+
+from armsproxy.config import embedded
+from armsproxy.management import ManagementResource, ManagementSite, render_metrics
+from armsproxy.tap import build_services
+from armsproxy.tools.sasim import SimulatedSA
+
+DISTID = "0001-0002-0003-0004-0005-0006-0007-0008"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_metrics_are_prometheus_text_with_escaped_labels():
+    text = render_metrics(
+        started_at=1700000000.5,
+        sa_gate={"request.config-solicitation": 3, 'odd"name\\': 1},
+        tunnels={"live": 2, "open": 3},
+        backlog={"queued": 4, "sending": 0, "started": 1, "events": 7},
+    ).decode()
+    assert text.endswith("\n")
+    assert "# TYPE armsproxy_sa_gate_events_total counter" in text
+    assert 'armsproxy_sa_gate_events_total{event="request.config-solicitation"} 3' in text
+    assert 'armsproxy_sa_gate_events_total{event="odd\\"name\\\\"} 1' in text
+    assert 'armsproxy_tunnels{kind="live"} 2' in text
+    assert "armsproxy_store_up 1" in text
+    assert 'armsproxy_operations{state="queued"} 4' in text
+    assert "armsproxy_events_pending 7" in text
+    assert "armsproxy_start_time_seconds 1.7e+09" in text
+    for line in text.splitlines():  # every sample line: name{labels} value
+        assert line.startswith("# ") or re.fullmatch(r"armsproxy_\w+(\{.*\})? \S+", line), line
+
+
+def test_metrics_without_the_store_keep_the_in_memory_figures():
+    text = render_metrics(started_at=0, sa_gate={"rs.unavailable": 2}, tunnels={"live": 0},
+                          backlog=None).decode()
+    assert "armsproxy_store_up 0" in text
+    assert 'armsproxy_sa_gate_events_total{event="rs.unavailable"} 2' in text
+    assert "armsproxy_operations" not in text and "armsproxy_events_pending" not in text
+
+
+@pytest_twisted.ensureDeferred
+async def test_embedded_default_serves_health_readiness_and_metrics(tmp_path):
+    port, rs_port, gate_port, management_port = (_free_port() for _ in range(4))
+    cfg = embedded(tmp_path / "data", port=port, rs_port=rs_port, rs_gate_port=gate_port,
+                   management_port=management_port)
+    top = build_services(cfg, reactor)
+    top.startService()
+    try:
+        health = await http_get(management_port, "/healthz")
+        assert (health.status, health.body) == (200, "ok\n")
+        ready = await http_get(management_port, "/readyz")
+        assert (ready.status, ready.body) == (200, "ready\n")
+        metrics = await http_get(management_port, "/metrics")
+        assert metrics.status == 200
+        assert metrics.content_type.startswith("text/plain; version=0.0.4")
+        assert "armsproxy_store_up 1" in metrics.body
+        assert 'armsproxy_operations{state="queued"} 0' in metrics.body
+        assert "armsproxy_events_pending 0" in metrics.body
+        assert 'armsproxy_tunnels{kind="live"} 0' in metrics.body
+        assert "rejected.unauthorized" not in metrics.body
+        # An unknown device is refused by the SA gate, and counted.
+        sa = SimulatedSA(reactor, DISTID, "no-such-key",
+                         ca_pem=(cfg.data_dir / "pki" / "ca.pem").read_bytes(),
+                         response_timeout=10.0)
+        assert (await sa.config_solicitation(cfg.public_urls[0])).status == 401
+        metrics = await http_get(management_port, "/metrics")
+        assert 'armsproxy_sa_gate_events_total{event="rejected.unauthorized"} 1' in metrics.body
+        assert (await http_get(management_port, "/other")).status == 404
+        assert (await http_get(management_port, "/metrics", "POST")).status == 405
+        head = await http_get(management_port, "/healthz", "HEAD")
+        assert (head.status, head.body) == (200, "")
+        # With the store closed, the process is alive but not ready.
+        await top.store.close()
+        assert (await http_get(management_port, "/healthz")).status == 200
+        ready = await http_get(management_port, "/readyz")
+        assert (ready.status, ready.body) == (503, "not ready: the store does not answer\n")
+        metrics = await http_get(management_port, "/metrics")
+        assert metrics.status == 200 and "armsproxy_store_up 0" in metrics.body
+    finally:
+        await top.stopService()
+
+
+class _HungStore:
+    """A store whose disk stopped answering (not reproducible with a real file here)."""
+
+    def __init__(self) -> None:
+        self.pending: list[defer.Deferred[dict[str, int]]] = []
+
+    def backlog(self) -> defer.Deferred[dict[str, int]]:
+        d: defer.Deferred[dict[str, int]] = defer.Deferred()
+        self.pending.append(d)
+        return d
+
+
+async def _serve(resource: ManagementResource):
+    port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+        ManagementSite(resource, reactor))
+    return port, port.getHost().port
+
+
+async def _until(condition, what: str) -> None:
+    for _ in range(200):
+        if condition():
+            return
+        await task.deferLater(reactor, 0.02, lambda: None)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_store_that_does_not_answer_makes_readyz_503_after_the_timeout(logs):
+    clock, store = task.Clock(), _HungStore()
+    listening, port = await _serve(ManagementResource(
+        store=store, sa_gate_counts={}, tunnel_counts=dict, clock=clock, store_timeout=5.0))
+    try:
+        answer = defer.ensureDeferred(http_get(port, "/readyz"))
+        await _until(lambda: store.pending, "the store read")
+        clock.advance(4.9)
+        assert not answer.called
+        clock.advance(0.2)
+        ready = await answer
+        assert (ready.status, ready.body) == (503, "not ready: the store does not answer\n")
+        assert logs.find("management: store read failed", "no answer in 5 s")
+        store.pending[0].callback({"events": 0})  # the late answer changes nothing
+    finally:
+        await listening.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_that_leaves_before_the_answer_costs_nothing(logs):
+    clock, store = task.Clock(), _HungStore()
+    listening, port = await _serve(ManagementResource(
+        store=store, sa_gate_counts={}, tunnel_counts=dict, clock=clock))
+    try:
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            client.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            await _until(lambda: store.pending, "the store read")
+        await task.deferLater(reactor, 0.1, lambda: None)  # the server sees the close
+        store.pending[0].callback({"queued": 1, "events": 0})
+        await task.deferLater(reactor, 0.05, lambda: None)
+        assert not logs.find("failed")
+        assert (await http_get(port, "/healthz")).status == 200
+    finally:
+        await listening.stopListening()
