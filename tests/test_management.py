@@ -5,10 +5,12 @@ from __future__ import annotations
 import re
 import socket
 
+import pytest
 import pytest_twisted
 from conftest import http_get
 from twisted.internet import defer, reactor, task
 from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.python import usage
 
 from armsproxy.config import embedded
 from armsproxy.management import ManagementResource, ManagementSite, render_metrics
@@ -92,6 +94,14 @@ async def test_embedded_default_serves_health_readiness_and_metrics(tmp_path):
         assert metrics.status == 200 and "armsproxy_store_up 0" in metrics.body
     finally:
         await top.stopService()
+
+
+def test_a_bad_management_listener_is_refused_with_a_clear_message(tmp_path):
+    cfg = embedded(tmp_path / "data", port=_free_port(), rs_port=_free_port(),
+                   rs_gate_port=_free_port())
+    cfg.management_listen = "tcpp:8781"
+    with pytest.raises(usage.UsageError, match=r"\[management\] listen 'tcpp:8781'"):
+        build_services(cfg, reactor)
 
 
 class _HungStore:
