@@ -116,7 +116,7 @@ def render_metrics(
     def metric(name: str, kind: str, help_: str, samples: list[tuple[str, float]]) -> None:
         lines.append(f"# HELP armsproxy_{name} {help_}")
         lines.append(f"# TYPE armsproxy_{name} {kind}")
-        lines.extend(f"armsproxy_{name}{labels} {value:g}" for labels, value in samples)
+        lines.extend(f"armsproxy_{name}{labels} {_number(value)}" for labels, value in samples)
 
     metric("start_time_seconds", "gauge", "When this process started (Unix time).",
            [("", started_at)])
@@ -136,6 +136,11 @@ def render_metrics(
         metric("events_pending", "gauge", "Events not yet delivered to the RS (outbox).",
                [("", backlog.get("events", 0))])
     return ("\n".join(lines) + "\n").encode("utf-8")
+
+
+def _number(value: float) -> str:
+    """Exact: ``repr`` round-trips a float (``:g`` would cut a Unix time to 6 digits)."""
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
 
 
 def _label(name: str, value: str) -> str:

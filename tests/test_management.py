@@ -41,7 +41,7 @@ def test_metrics_are_prometheus_text_with_escaped_labels():
     assert "armsproxy_store_up 1" in text
     assert 'armsproxy_operations{state="queued"} 4' in text
     assert "armsproxy_events_pending 7" in text
-    assert "armsproxy_start_time_seconds 1.7e+09" in text
+    assert "armsproxy_start_time_seconds 1700000000.5\n" in text  # every digit kept
     for line in text.splitlines():  # every sample line: name{labels} value
         assert line.startswith("# ") or re.fullmatch(r"armsproxy_\w+(\{.*\})? \S+", line), line
 
