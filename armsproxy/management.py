@@ -7,6 +7,7 @@ request here changes anything.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -21,6 +22,10 @@ log = Logger()
 
 CONTENT_TYPE_METRICS = b"text/plain; version=0.0.4; charset=utf-8"  # Prometheus text format
 STORE_TIMEOUT = 5.0
+# Series that exist from the start, so that a monitor's rate() sees their first event.
+_PULL_TYPES = ("config-solicitation", "push-method-query", "push-confirmation-start")
+_COMMON_REFUSALS = ("unauthorized", "distid_mismatch", "http_400", "http_413")
+_COMMON_EVENTS = ("rs.unavailable", "done.not_committed")
 
 
 class ManagementResource(Resource):
@@ -46,6 +51,7 @@ class ManagementResource(Resource):
         self._clock = clock
         self._store_timeout = store_timeout
         self._started_at = clock.seconds()
+        self._waiters: list[defer.Deferred[dict[str, int]]] | None = None
 
     def render(self, request: server.Request) -> bytes | int:
         if request.method not in (b"GET", b"HEAD"):  # HEAD: twisted.web drops the body
@@ -77,11 +83,28 @@ class ManagementResource(Resource):
 
         timer = self._clock.callLater(self._store_timeout, settle, Failure(
             TimeoutError(f"no answer in {self._store_timeout:g} s")))
-        defer.ensureDeferred(self._store.backlog()).addBoth(settle)
+        self._shared_read().addBoth(settle)
         result = await answer
         if timer.active():
             timer.cancel()
         return result
+
+    def _shared_read(self) -> defer.Deferred[dict[str, int]]:
+        """One store read at a time, whatever the number of probes: a store that hangs must
+        not collect a read per scrape on its single worker."""
+        waiter: defer.Deferred[dict[str, int]] = defer.Deferred()
+        if self._waiters is not None:
+            self._waiters.append(waiter)
+            return waiter
+        waiters = self._waiters = [waiter]
+
+        def done(result: object) -> None:
+            self._waiters = None
+            for w in waiters:
+                w.callback(result)  # a Failure goes down each waiter's errback path
+
+        defer.ensureDeferred(self._store.backlog()).addBoth(done)
+        return waiter
 
     async def _readyz(self, request: server.Request) -> None:
         backlog = await self._backlog()
@@ -120,13 +143,33 @@ def render_metrics(
 
     metric("start_time_seconds", "gauge", "When this process started (Unix time).",
            [("", started_at)])
+    requests = dict.fromkeys(_PULL_TYPES, 0)
+    refusals = dict.fromkeys(_COMMON_REFUSALS, 0)
+    others = dict.fromkeys(_COMMON_EVENTS, 0)
+    for name, count in sa_gate.items():
+        kind, _, detail = name.partition(".")
+        if kind == "request":
+            requests[detail] = count
+        elif kind == "rejected":
+            refusals[detail] = count
+        else:
+            others[name] = count
+    metric("sa_gate_requests_total", "counter",
+           "SA requests that passed authentication and parsing, by ARMS type, since start.",
+           [(_label("type", t), n) for t, n in sorted(requests.items())])
+    metric("sa_gate_refusals_total", "counter",
+           "SA requests refused before the RS saw them, by reason, since start.",
+           [(_label("reason", r), n) for r, n in sorted(refusals.items())])
     metric("sa_gate_events_total", "counter",
-           "SA gate requests by type and refusals by reason, since start.",
-           [(_label("event", name), count) for name, count in sorted(sa_gate.items())])
+           "Other SA gate outcomes (RS unavailable or answering badly, done-requests refused "
+           "or not committed, tunnels opened, answers timed out), since start.",
+           [(_label("event", e), n) for e, n in sorted(others.items())])
     metric("tunnels", "gauge",
-           "https-tunnels: open (past their 200 header), registered, live (confirmed), "
-           "and SAs holding one (distids).",
-           [(_label("kind", kind), count) for kind, count in sorted(tunnels.items())])
+           "https-tunnels by state: open (past their 200 header) includes registered "
+           "(confirmed once), which includes live (confirmed now).",
+           [(_label("state", k), tunnels.get(k, 0)) for k in ("open", "registered", "live")])
+    metric("tunnel_sas", "gauge", "SAs holding at least one registered https-tunnel.",
+           [("", tunnels.get("distids", 0))])
     metric("store_up", "gauge", "1 if the store answered this scrape in time, else 0.",
            [("", 0 if backlog is None else 1)])
     if backlog is not None:
@@ -140,7 +183,10 @@ def render_metrics(
 
 def _number(value: float) -> str:
     """Exact: ``repr`` round-trips a float (``:g`` would cut a Unix time to 6 digits)."""
-    return str(int(value)) if float(value).is_integer() else repr(float(value))
+    value = float(value)
+    if math.isnan(value) or math.isinf(value):
+        return "NaN" if math.isnan(value) else ("+Inf" if value > 0 else "-Inf")
+    return str(int(value)) if value.is_integer() else repr(value)
 
 
 def _label(name: str, value: str) -> str:

@@ -216,7 +216,7 @@ def build_services(cfg: Config, reactor: Any = None) -> service.MultiService:
         )
     except ListenerConfigError as e:
         raise usage.UsageError(str(e)) from None
-    sa_gate = StreamServerEndpointService(listener, factory)
+    sa_gate = _listener(listener, factory)
     sa_gate.setName("sa-gate")
     sa_gate.setServiceParent(top)
     if cfg.management_listen:
@@ -228,6 +228,14 @@ def build_services(cfg: Config, reactor: Any = None) -> service.MultiService:
     return top
 
 
+def _listener(endpoint: Any, factory: Any) -> StreamServerEndpointService:
+    """A listener that cannot bind stops the start (twistd exits with the error) instead of
+    being logged while armsproxy runs on without it, e.g. with its port taken."""
+    listener = StreamServerEndpointService(endpoint, factory)
+    listener._raiseSynchronously = True  # Twisted's switch for exactly this (strports uses it)
+    return listener
+
+
 def _add_management(cfg: Config, top: service.MultiService, reactor: Any, store: SQLiteStore,
                     relay: PullRelay, tunnels: TunnelRegistry) -> None:
     try:
@@ -237,7 +245,7 @@ def _add_management(cfg: Config, top: service.MultiService, reactor: Any, store:
             f"[management] listen {cfg.management_listen!r}: not an endpoint ({e})") from None
     resource = ManagementResource(store=store, sa_gate_counts=relay.stats,
                                   tunnel_counts=tunnels.counts, clock=reactor)
-    management = StreamServerEndpointService(endpoint, ManagementSite(resource, reactor))
+    management = _listener(endpoint, ManagementSite(resource, reactor))
     management.setName("management")
     management.setServiceParent(top)
 
@@ -283,7 +291,7 @@ def _add_demo_rs(cfg: Config, top: service.MultiService, reactor: Any) -> None:
     assert cfg.demo_rs_db is not None
     db = DemoDB(cfg.demo_rs_db)
     site = make_demo_rs_site(db)
-    demo = StreamServerEndpointService(serverFromString(reactor, cfg.demo_rs_listen), site)
+    demo = _listener(serverFromString(reactor, cfg.demo_rs_listen), site)
     demo.setName("demo-rs")
     demo.setServiceParent(top)
     print(

@@ -29,19 +29,29 @@ def _free_port() -> int:
 def test_metrics_are_prometheus_text_with_escaped_labels():
     text = render_metrics(
         started_at=1700000000.5,
-        sa_gate={"request.config-solicitation": 3, 'odd"name\\': 1},
-        tunnels={"live": 2, "open": 3},
+        sa_gate={"request.config-solicitation": 3, "rejected.http_431": 2,
+                 'rejected.odd"name\\': 1, "rs.unavailable": 4, "tunnel.opened": 5},
+        tunnels={"open": 3, "registered": 2, "live": 2, "distids": 1},
         backlog={"queued": 4, "sending": 0, "started": 1, "events": 7},
     ).decode()
     assert text.endswith("\n")
-    assert "# TYPE armsproxy_sa_gate_events_total counter" in text
-    assert 'armsproxy_sa_gate_events_total{event="request.config-solicitation"} 3' in text
-    assert 'armsproxy_sa_gate_events_total{event="odd\\"name\\\\"} 1' in text
-    assert 'armsproxy_tunnels{kind="live"} 2' in text
+    assert "# TYPE armsproxy_sa_gate_requests_total counter" in text
+    assert 'armsproxy_sa_gate_requests_total{type="config-solicitation"} 3' in text
+    assert 'armsproxy_sa_gate_requests_total{type="push-method-query"} 0' in text  # from start
+    assert 'armsproxy_sa_gate_refusals_total{reason="http_431"} 2' in text
+    assert 'armsproxy_sa_gate_refusals_total{reason="unauthorized"} 0' in text
+    assert 'armsproxy_sa_gate_refusals_total{reason="odd\\"name\\\\"} 1' in text
+    assert 'armsproxy_sa_gate_events_total{event="rs.unavailable"} 4' in text
+    assert 'armsproxy_sa_gate_events_total{event="tunnel.opened"} 5' in text
+    assert 'armsproxy_tunnels{state="live"} 2' in text
+    assert "armsproxy_tunnel_sas 1" in text
+    assert "distids" not in text  # devices are not a tunnel state
     assert "armsproxy_store_up 1" in text
     assert 'armsproxy_operations{state="queued"} 4' in text
     assert "armsproxy_events_pending 7" in text
     assert "armsproxy_start_time_seconds 1700000000.5\n" in text  # every digit kept
+    families = [line.split()[2] for line in text.splitlines() if line.startswith("# TYPE")]
+    assert len(families) == len(set(families))  # each family declared once
     for line in text.splitlines():  # every sample line: name{labels} value
         assert line.startswith("# ") or re.fullmatch(r"armsproxy_\w+(\{.*\})? \S+", line), line
 
@@ -72,15 +82,15 @@ async def test_embedded_default_serves_health_readiness_and_metrics(tmp_path):
         assert "armsproxy_store_up 1" in metrics.body
         assert 'armsproxy_operations{state="queued"} 0' in metrics.body
         assert "armsproxy_events_pending 0" in metrics.body
-        assert 'armsproxy_tunnels{kind="live"} 0' in metrics.body
-        assert "rejected.unauthorized" not in metrics.body
+        assert 'armsproxy_tunnels{state="live"} 0' in metrics.body
+        assert 'armsproxy_sa_gate_refusals_total{reason="unauthorized"} 0' in metrics.body
         # An unknown device is refused by the SA gate, and counted.
         sa = SimulatedSA(reactor, DISTID, "no-such-key",
                          ca_pem=(cfg.data_dir / "pki" / "ca.pem").read_bytes(),
                          response_timeout=10.0)
         assert (await sa.config_solicitation(cfg.public_urls[0])).status == 401
         metrics = await http_get(management_port, "/metrics")
-        assert 'armsproxy_sa_gate_events_total{event="rejected.unauthorized"} 1' in metrics.body
+        assert 'armsproxy_sa_gate_refusals_total{reason="unauthorized"} 1' in metrics.body
         assert (await http_get(management_port, "/other")).status == 404
         assert (await http_get(management_port, "/metrics", "POST")).status == 405
         head = await http_get(management_port, "/healthz", "HEAD")
@@ -116,6 +126,16 @@ class _HungStore:
         return d
 
 
+class _Recording(ManagementResource):
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.requests: list = []
+
+    def render_GET(self, request):
+        self.requests.append(request)
+        return super().render_GET(request)
+
+
 async def _serve(resource: ManagementResource):
     port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
         ManagementSite(resource, reactor))
@@ -139,12 +159,24 @@ async def test_a_store_that_does_not_answer_makes_readyz_503_after_the_timeout(l
         answer = defer.ensureDeferred(http_get(port, "/readyz"))
         await _until(lambda: store.pending, "the store read")
         clock.advance(4.9)
+        await task.deferLater(reactor, 0.3, lambda: None)  # time for an answer to come back
         assert not answer.called
+        also = defer.ensureDeferred(http_get(port, "/metrics"))  # joins the read in progress
+        await task.deferLater(reactor, 0.3, lambda: None)
+        assert len(store.pending) == 1  # a hung store gets one read, not one per probe
         clock.advance(0.2)
         ready = await answer
         assert (ready.status, ready.body) == (503, "not ready: the store does not answer\n")
+        assert not also.called  # its own 5 s have not passed
+        clock.advance(5)
+        assert "armsproxy_store_up 0" in (await also).body
         assert logs.find("management: store read failed", "no answer in 5 s")
         store.pending[0].callback({"events": 0})  # the late answer changes nothing
+        assert (await http_get(port, "/healthz")).status == 200
+        ready = defer.ensureDeferred(http_get(port, "/readyz"))  # a new read once that ended
+        await _until(lambda: len(store.pending) == 2, "a second store read")
+        store.pending[1].callback({"events": 0})
+        assert (await ready).status == 200
     finally:
         await listening.stopListening()
 
@@ -152,13 +184,14 @@ async def test_a_store_that_does_not_answer_makes_readyz_503_after_the_timeout(l
 @pytest_twisted.ensureDeferred
 async def test_a_client_that_leaves_before_the_answer_costs_nothing(logs):
     clock, store = task.Clock(), _HungStore()
-    listening, port = await _serve(ManagementResource(
-        store=store, sa_gate_counts={}, tunnel_counts=dict, clock=clock))
+    resource = _Recording(store=store, sa_gate_counts={}, tunnel_counts=dict, clock=clock)
+    listening, port = await _serve(resource)
     try:
         with socket.create_connection(("127.0.0.1", port)) as client:
             client.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
             await _until(lambda: store.pending, "the store read")
-        await task.deferLater(reactor, 0.1, lambda: None)  # the server sees the close
+        (request,) = resource.requests
+        await _until(lambda: request.channel is None, "the server to see the client leave")
         store.pending[0].callback({"queued": 1, "events": 0})
         await task.deferLater(reactor, 0.05, lambda: None)
         assert not logs.find("failed")

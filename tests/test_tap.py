@@ -103,6 +103,23 @@ def _options_with_parent(logfile: str | None) -> Options:
     return options
 
 
+@pytest.mark.parametrize("option", ["--port", "--rs-gate-port", "--management-port"])
+def test_a_listener_that_cannot_bind_stops_the_start(tmp_path, option):
+    # Not a logged error while armsproxy runs on without that gate.
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        ports = {"--port": _free_port(), "--rs-port": _free_port(),
+                 "--rs-gate-port": _free_port(), "--management-port": _free_port(), option: busy}
+        out = subprocess.run(
+            [*TWISTD, "-n", "--pidfile=", "armsproxy", "--data-dir", str(tmp_path / "data"),
+             *(str(x) for item in ports.items() for x in item)],
+            env=_env(), capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0
+    assert f"Couldn't listen on 127.0.0.1:{busy}" in out.stdout + out.stderr
+
+
 def _register(db: Path, pki_dir: Path) -> None:
     assert demo_cli.main(["--db", str(db), "register", DISTID, "--key", KEY,
                           "--module", "1:1.0.0:harness-module"]) == 0
@@ -160,7 +177,7 @@ async def test_embedded_default_serves_a_device(tmp_path):
         assert f"management (/healthz, /readyz, /metrics):      tcp:{management_port}:" in text
         assert await _http_get(management_port, "/healthz") == "ok\n"
         metrics = await _http_get(management_port, "/metrics")
-        assert 'armsproxy_sa_gate_events_total{event="rejected.unauthorized"} 1' in metrics
+        assert 'armsproxy_sa_gate_refusals_total{reason="unauthorized"} 1' in metrics
     finally:
         proc.send_signal(signal.SIGTERM)
         rest, _ = proc.communicate(timeout=30)
@@ -247,7 +264,7 @@ async def test_etc_example_runs_with_real_files(tmp_path):
         assert version == "1.0"
         # And its management gate reports the device's requests.
         metrics = await _http_get(management_port, "/metrics")
-        assert 'armsproxy_sa_gate_events_total{event="request.config-solicitation"} 1' in metrics
+        assert 'armsproxy_sa_gate_requests_total{type="config-solicitation"} 1' in metrics
         assert await _http_get(management_port, "/readyz") == "ready\n"
     finally:
         await top.stopService()

@@ -154,6 +154,8 @@ class RSGateService(service.Service):
             self._failure = reason
 
         d.addCallbacks(listening, failed)
+        if self._failure is not None:  # could not bind: stop the start, as the other gates do
+            self._failure.raiseException()
         self._listening = d
 
     def when_listening(self) -> defer.Deferred[IListeningPort]:
