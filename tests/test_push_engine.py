@@ -270,9 +270,16 @@ async def test_deadlines_expire_queued_and_started(store, sa, clock):
 async def test_cancel_only_before_dispatch(store, sa, clock):
     engine = make_engine(store, sa, clock)
     op, _ = await engine.submit({"distribution_id": DISTID, "operation": "reboot"})
+    calls: list[str] = []
+    store.db_hook = calls.append
     assert await engine.cancel(op.operation_id) == (True, "cancelled")
+    assert "transition" in calls and "add_events" not in calls  # one commit, event included
     assert await engine.cancel(op.operation_id) == (False, "cancelled")
-    assert [e.kind for e in await store.pending_events(10)] == ["operation.cancelled"]
+    assert await engine.cancel("f" * 32) == (False, None)
+    (event,) = await store.pending_events(10)
+    assert (event.kind, event.distribution_id, event.operation_id) == (
+        "operation.cancelled", DISTID, op.operation_id)
+    assert event.payload["operation"] == "reboot" and event.payload["state"] == "cancelled"
 
 
 @pytest_twisted.ensureDeferred

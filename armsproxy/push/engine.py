@@ -225,19 +225,21 @@ class PushEngine(service.Service):
         )
 
     async def cancel(self, operation_id: str) -> tuple[bool, str | None]:
+        current = await self.store.get(operation_id)
+        if current is None:
+            return False, None
+        # The event is committed with the transition (outbox rule): built from the order as
+        # read, whose distribution_id, operation and request_id never change.
         op = await self.store.transition(
             operation_id, expect={QUEUED}, state=CANCELLED,
-            events=[], changes={"last_error": "cancelled by the RS"},
+            events=[_event("operation.cancelled", current)],
+            changes={"last_error": "cancelled by the RS"},
         )
         if op is not None:
-            await self._emit_for(op, "operation.cancelled")
+            self.on_events()
             return True, CANCELLED
         current = await self.store.get(operation_id)
         return False, None if current is None else current.state
-
-    async def _emit_for(self, op: Operation, kind: str) -> None:
-        await self.store.add_events([_event(kind, op)])
-        self.on_events()
 
     # -- dispatch loop ----------------------------------------------------------------------
     def wake(self) -> None:
