@@ -372,6 +372,8 @@ async def test_unknown_device_fails_without_contacting_it(store, sa, clock):
 async def test_confirmation_done_is_sent_and_retried_within_the_window(store, sa, clock):
     await store.sa_update(DISTID, sa_certificate="PEM")
     engine = make_engine(store, sa, clock, confirmation_retry=3, confirmation_window=55)
+    calls: list[str] = []
+    store.db_hook = calls.append
     sa.script += [PushUnreachable("listener not open yet"),
                   answer_from("05-push-confirmation-done.response.txt")]
     engine.confirmation_started(DISTID, "https-simple", "https://127.0.0.1:18450/", 5001,
@@ -385,6 +387,7 @@ async def test_confirmation_done_is_sent_and_retried_within_the_window(store, sa
     record = await store.sa_get(DISTID)
     assert record.confirmed and record.push_endpoint == "https://127.0.0.1:18450/"
     assert [e.kind for e in await store.pending_events(10)] == ["sa.confirmed"]
+    assert "add_events" not in calls  # committed with the registry change
 
 
 @pytest_twisted.ensureDeferred

@@ -471,6 +471,19 @@ async def test_sa_registry_upserts_and_lists(store, clock):
 
 
 @pytest_twisted.ensureDeferred
+async def test_sa_update_commits_its_events_with_it_or_neither(store):
+    rec = await store.sa_update(SA_A, confirmed=True, events=[ev("sa.confirmed", method="x")])
+    assert rec.confirmed
+    (event,) = await store.pending_events(10)
+    assert (event.kind, event.distribution_id, event.operation_id, event.payload) == (
+        "sa.confirmed", SA_A, None, {"method": "x"})
+    with pytest.raises(ValueError, match="distribution_id"):  # a broken event: nothing stays
+        await store.sa_update(SA_B, confirmed=True, events=[{"kind": "sa.confirmed"}])
+    assert await store.sa_get(SA_B) is None
+    assert len(await store.pending_events(10)) == 1
+
+
+@pytest_twisted.ensureDeferred
 async def test_outbox_order_attempts_and_delivery(store, clock):
     op, _ = await store.submit(new_op())
     await store.add_events([ev("sa.confirmed", n=1), ev("sa.tunnel_up", SA_B, n=2)])

@@ -416,13 +416,12 @@ class PushEngine(service.Service):
         if kind == "sa.tunnel_up":
             fields.update(push_method="https-tunnel", confirmed=True,
                           last_confirmation_at=now, last_peer=tunnel.peer)
-        await self.store.sa_update(distid, **fields)
         payload: dict[str, Any] = {"tunnel_id": tunnel.id, "peer": tunnel.peer,
                                    "path": tunnel.path, "tunnels": len(live)}
         if reason:
             payload["reason"] = reason
-        await self.store.add_events([{"kind": kind, "distribution_id": distid,
-                                      "operation_id": None, "payload": payload}])
+        await self.store.sa_update(distid, **fields, events=[{
+            "kind": kind, "distribution_id": distid, "operation_id": None, "payload": payload}])
         self.on_events()
         if kind == "sa.tunnel_up":
             self.wake()
@@ -553,12 +552,11 @@ class PushEngine(service.Service):
             else:
                 if isinstance(message, ArmsResponse) and codes.is_success(message.result_code):
                     now = self.clock.seconds()
-                    await self.store.sa_update(distid, confirmed=True,
-                                               last_confirmation_at=now)
-                    await self.store.add_events([{
-                        "kind": "sa.confirmed", "distribution_id": distid,
-                        "operation_id": None,
-                        "payload": {"method": "https-simple", "push_endpoint": url}}])
+                    await self.store.sa_update(
+                        distid, confirmed=True, last_confirmation_at=now, events=[{
+                            "kind": "sa.confirmed", "distribution_id": distid,
+                            "operation_id": None,
+                            "payload": {"method": "https-simple", "push_endpoint": url}}])
                     self.on_events()
                     log.info("push: {distid} confirmed https-simple at {url}", distid=distid,
                              url=url)

@@ -79,8 +79,10 @@ class Store(Protocol):
 
     async def sa_get(self, distribution_id: str) -> SARecord | None: ...
 
-    async def sa_update(self, distribution_id: str, **fields: Any) -> SARecord:
-        """Create or change a registry entry (fields of :class:`SARecord`)."""
+    async def sa_update(self, distribution_id: str, *, events: Sequence[dict[str, Any]] = (),
+                        **fields: Any) -> SARecord:
+        """Create or change a registry entry (fields of :class:`SARecord`); ``events`` go to
+        the outbox in the same commit."""
 
     async def sa_list(
         self, *, limit: int = 100, offset: int = 0, confirmed: bool | None = None

@@ -366,10 +366,13 @@ class SQLiteStore:
     async def sa_get(self, distribution_id: str) -> SARecord | None:
         return await self._run("sa_get", _sa_get, distribution_id)
 
-    async def sa_update(self, distribution_id: str, **fields: Any) -> SARecord:
+    async def sa_update(self, distribution_id: str, *, events: Sequence[dict[str, Any]] = (),
+                        **fields: Any) -> SARecord:
         _check_fields(fields, SA_FIELDS, "SA registry")
-        fields.setdefault("updated_at", self._now())
-        return await self._run("sa_update", _sa_update, distribution_id, fields)
+        now = self._now()
+        fields.setdefault("updated_at", now)
+        return await self._run("sa_update", _sa_update, distribution_id, fields, list(events),
+                               now)
 
     async def sa_list(
         self, *, limit: int = 100, offset: int = 0, confirmed: bool | None = None
@@ -553,7 +556,8 @@ def _sa_get(conn: sqlite3.Connection, distribution_id: str) -> SARecord | None:
     return None if row is None else _row_to_sa(row)
 
 
-def _sa_update(conn: sqlite3.Connection, distribution_id: str, fields: dict[str, Any]) -> SARecord:
+def _sa_update(conn: sqlite3.Connection, distribution_id: str, fields: dict[str, Any],
+               events: list[dict[str, Any]], now: float) -> SARecord:
     values = dict(fields)
     if "tunnels" in values:
         values["tunnels"] = dump_json(values["tunnels"] or [])
@@ -567,6 +571,7 @@ def _sa_update(conn: sqlite3.Connection, distribution_id: str, fields: dict[str,
         + ", ".join(f"{n} = excluded.{n}" for n in names),
         (distribution_id, *values.values()),
     )
+    _insert_events(conn, events, None, now)
     record = _sa_get(conn, distribution_id)
     assert record is not None
     return record
