@@ -28,6 +28,7 @@ class Config:
     # SA gate
     sa_listen: str
     public_urls: list[str]
+    tunnel_listen: str = ""  # optional listener for https-tunnels only (else: sa_listen)
     tls_minimum_version: str = "1.2"
     client_ca: Path | None = None
     max_body: int = 1024 * 1024
@@ -123,6 +124,12 @@ def validate(cfg: Config) -> Config:
         )
     if not cfg.sa_listen.startswith("ssl:"):
         problems.append("[sa_gate] listen: must be an ssl: endpoint (devices speak HTTPS only)")
+    if cfg.tunnel_listen and not cfg.tunnel_listen.startswith("ssl:"):
+        problems.append("[sa_gate] tunnel_listen: must be an ssl: endpoint (devices speak "
+                        "HTTPS only)")
+    if cfg.tunnel_listen and not cfg.tunnel_urls:
+        problems.append("[sa_gate] tunnel_listen: set [push] tunnel_urls too (the URLs the "
+                        "devices are told to open their tunnels at)")
     if not cfg.rs_url.startswith(("http://", "https://")):
         problems.append(f"[rs] url: {cfg.rs_url!r} is not an http(s) URL")
     if cfg.relay_budget >= 28:
@@ -166,6 +173,7 @@ def load(path: Path) -> Config:
         cfg = Config(
             data_dir=data_dir,
             sa_listen=get("sa_gate", "listen", fallback=""),
+            tunnel_listen=get("sa_gate", "tunnel_listen", fallback=""),
             public_urls=_list(get("sa_gate", "public_urls", fallback="")),
             tls_minimum_version=get("sa_gate", "tls_minimum_version", fallback="1.2"),
             client_ca=_path(get("sa_gate", "client_ca", fallback=None), base),

@@ -7,6 +7,7 @@ newcomer can point a device (or ``armsproxy-sasim``) at it at once.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import stat
 import sys
@@ -208,17 +209,28 @@ def build_services(cfg: Config, reactor: Any = None) -> service.MultiService:
         counter=lambda name: relay.stats.update([name]),
         tunnel_opener=open_tunnel if cfg.tunnel_urls else None,
     )
+    policy = TLSPolicy(minimum_version=cfg.tls_minimum_version,
+                       client_ca_pem=_read(cfg.client_ca))
     try:
-        listener = tls_listener(
-            reactor, cfg.sa_listen,
-            TLSPolicy(minimum_version=cfg.tls_minimum_version,
-                      client_ca_pem=_read(cfg.client_ca)),
-        )
+        listener = tls_listener(reactor, cfg.sa_listen, policy)
+        tunnel_listener = (tls_listener(reactor, cfg.tunnel_listen, policy)
+                           if cfg.tunnel_listen else None)
     except ListenerConfigError as e:
         raise usage.UsageError(str(e)) from None
     sa_gate = _listener(listener, factory)
     sa_gate.setName("sa-gate")
     sa_gate.setServiceParent(top)
+    if tunnel_listener is not None:
+        # Same gate, same TLS policy, tunnels only: an operator can firewall or balance the
+        # long-lived tunnels apart from the short pulls (the SA gate's port serves both still).
+        tunnel_factory = SAGateFactory(
+            relay.handle, clock=reactor,
+            limits=dataclasses.replace(factory.limits, tunnels_only=True),
+            counter=factory.count, tunnel_opener=open_tunnel,
+        )
+        tunnel_gate = _listener(tunnel_listener, tunnel_factory)
+        tunnel_gate.setName("sa-gate-tunnels")
+        tunnel_gate.setServiceParent(top)
     if cfg.management_listen:
         _add_management(cfg, top, reactor, store, relay, tunnels)
     top.relay = relay  # type: ignore[attr-defined]  # for tests and the management view

@@ -22,7 +22,7 @@ from twisted.internet import reactor, threads
 from twisted.python import usage
 
 from armsproxy import pki
-from armsproxy.config import Config, load
+from armsproxy.config import Config, ConfigError, load
 from armsproxy.demo_rs import cli as demo_cli
 from armsproxy.tap import Options, build_services
 from armsproxy.tools.sasim import SimulatedSA
@@ -185,6 +185,24 @@ async def test_embedded_default_serves_a_device(tmp_path):
     assert proc.returncode in (0, -signal.SIGTERM), rest
     assert "Server Shut Down" in rest
     assert "Traceback" not in rest, rest
+
+
+def test_tunnel_listen_needs_ssl_and_tunnel_urls(tmp_path):
+    text = (ROOT / "etc" / "armsproxy.conf").read_text()
+    assert "\n# tunnel_listen = ssl:8443:" in text
+    conf = tmp_path / "armsproxy.conf"
+    conf.write_text(text.replace("# tunnel_listen = ssl:8443:", "tunnel_listen = ssl:8443:"))
+    with pytest.raises(ConfigError, match=r"tunnel_listen: set \[push\] tunnel_urls too"):
+        load(conf)
+    tunnels = "tunnel_urls = https://203.0.113.20:8443/arms-tunnel"
+    conf.write_text(text.replace("# tunnel_listen = ssl:8443:", "tunnel_listen = ssl:8443:")
+                    .replace("# tunnel_urls = https://203.0.113.20/arms-tunnel", tunnels))
+    cfg = load(conf)
+    assert cfg.tunnel_listen.startswith("ssl:8443:") and cfg.tunnel_urls
+    conf.write_text(text.replace("# tunnel_listen = ssl:8443:", "tunnel_listen = tcp:8443:")
+                    .replace("# tunnel_urls = https://203.0.113.20/arms-tunnel", tunnels))
+    with pytest.raises(ConfigError, match="tunnel_listen: must be an ssl: endpoint"):
+        load(conf)
 
 
 def test_etc_example_loads():

@@ -19,10 +19,16 @@ from tests.test_push_e2e import DISTID, KEY, ORDERS, RS, demo_events, free_port,
 FINAL = ("succeeded", "failed", "expired", "cancelled")
 
 
-async def start_tunnel_proxy(tmp_path):
+async def start_tunnel_proxy(tmp_path, tunnel_port: int | None = None):
+    """The embedded default; with ``tunnel_port``, tunnels get a listener of their own."""
     port, rs_port, gate_port = free_port(), free_port(), free_port()
     cfg = embedded(tmp_path / "data", port=port, rs_port=rs_port, rs_gate_port=gate_port)
     cfg.echo_interval = 1
+    if tunnel_port is not None:
+        pki = cfg.data_dir / "pki"
+        cfg.tunnel_listen = (f"ssl:{tunnel_port}:interface=127.0.0.1:"
+                             f"privateKey={pki / 'server.key'}:certKey={pki / 'server.pem'}")
+        cfg.tunnel_urls = [f"https://127.0.0.1:{tunnel_port}/arms-tunnel"]
     top = build_services(cfg, reactor)
     top.startService()
     pki = cfg.data_dir / "pki"
@@ -173,6 +179,31 @@ async def test_a_live_tunnel_keeps_no_copy_of_its_credentials(tmp_path):
             names = [*getattr(holder, "__dict__", ()), *getattr(type(holder), "__slots__", ())]
             held = repr([getattr(holder, name, None) for name in names])
             assert credentials not in held and KEY not in held, holder
+    finally:
+        if device is not None:
+            await device.stop()
+        await top.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_tunnels_on_a_listener_of_their_own(tmp_path):
+    tunnel_port = free_port()
+    top, cfg, url, rs = await start_tunnel_proxy(tmp_path, tunnel_port)
+    device = None
+    try:
+        device = await tunnel_device(cfg, url)  # pulls on the SA gate, tunnels on its own port
+        assert device.tunnel_urls == [f"https://127.0.0.1:{tunnel_port}/arms-tunnel"]
+        op = await rs.call("push.submit", {"distribution_id": DISTID,
+                                           "operation": "check-transaction", "params": {}})
+        await wait_final(rs, [op])
+        result = await rs.call("push.result", op)
+        assert result["state"] == "succeeded" and "tunnel" in result["raw"][0]["via"]
+        # The tunnel listener serves tunnels only.
+        sa = SimulatedSA(reactor, DISTID, KEY, ca_pem=(cfg.data_dir / "pki" / "ca.pem")
+                         .read_bytes())
+        refused = await sa.config_solicitation(f"https://127.0.0.1:{tunnel_port}/arms")
+        assert refused.status == 404
+        assert (await sa.config_solicitation(url)).verdict.outcome == "success"
     finally:
         if device is not None:
             await device.stop()

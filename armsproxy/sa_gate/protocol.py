@@ -74,6 +74,7 @@ class GateLimits:
     close_grace: float = 10.0
     paths: frozenset[str] = field(default_factory=frozenset)  # empty: any path
     tunnel_paths: frozenset[str] = field(default_factory=frozenset)  # https-tunnel URLs' paths
+    tunnels_only: bool = False  # a listener of the tunnels' own: any other request is a 404
 
 
 class NoAnswer(Exception):
@@ -202,7 +203,7 @@ class SAGateProtocol(Protocol):
         if path in limits.tunnel_paths and self.factory.tunnel_opener is not None:
             self._open_tunnel(method, path, headers)
             return
-        if limits.paths and path not in limits.paths:
+        if limits.tunnels_only or (limits.paths and path not in limits.paths):
             raise RequestRejected(404, f"unknown path {path[:80]!r}")
         if method != "POST":
             raise RequestRejected(405, f"method {method[:16]!r} not allowed", (("Allow", "POST"),))
