@@ -103,7 +103,8 @@ class ManagementResource(Resource):
             for w in waiters:
                 w.callback(result)  # a Failure goes down each waiter's errback path
 
-        defer.ensureDeferred(self._store.backlog()).addBoth(done)
+        # maybeDeferred: a store that raises at once must not leave a read "in progress"
+        defer.maybeDeferred(self._store.backlog).addBoth(done)
         return waiter
 
     async def _readyz(self, request: server.Request) -> None:

@@ -33,7 +33,7 @@ from .rs_gate import RSGate, rs_gate_service
 from .sa_gate.protocol import GateLimits, SAGateFactory
 from .sa_gate.relay import PullRelay, RelaySettings
 from .store.sqlite import SQLiteStore
-from .tls import ListenerConfigError, TLSPolicy, tls_listener
+from .tls import ListenerConfigError, TLSPolicy, release_own_unix_lock, tls_listener
 from .tunnel import TunnelRegistry, TunnelSession, parse_basic_authorization
 
 log = Logger()
@@ -132,6 +132,9 @@ def build_services(cfg: Config, reactor: Any = None) -> service.MultiService:
 
         reactor = default_reactor
     top = service.MultiService()
+    for listen in (cfg.rs_gate_listen, cfg.management_listen,
+                   cfg.demo_rs_listen if cfg.demo_rs else ""):
+        release_own_unix_lock(listen)
     if cfg.demo_rs:
         _add_demo_rs(cfg, top, reactor)
     rs = RSClient(

@@ -9,6 +9,7 @@ plain ``tcp:`` (or ``unix:``) endpoint with ``TLSMemoryBIOFactory``.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,6 +78,30 @@ def split_endpoint(description: str) -> EndpointSpec:
         else:
             spec.args.append(part)
     return spec
+
+
+def release_own_unix_lock(description: str) -> bool:
+    """Remove a ``unix:`` listener's stale lock that names this very process.
+
+    Twisted locks ``PATH.lock`` (a symlink to the owner's PID) and clears it when that PID is
+    dead. After a SIGKILL, a restart that gets the same PID (PID 1 in a container, with the
+    socket on a volume) would find the lock "held" by itself and refuse to listen; before
+    listening, no lock can really be ours. True if one was removed.
+    """
+    spec = split_endpoint(description)
+    path = spec.kwargs.get("address") or (spec.args[0] if spec.args else "")
+    if spec.kind != "unix" or not path or spec.kwargs.get("lockfile", "1") == "0":
+        return False
+    lock = f"{path}.lock"
+    try:
+        if os.readlink(lock) != str(os.getpid()):
+            return False
+        os.remove(lock)
+    except OSError:
+        return False
+    log.warn("{lock}: removed a stale lock naming this process (restarted with the same PID)",
+             lock=lock)
+    return True
 
 
 def _quote(value: str) -> str:

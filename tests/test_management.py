@@ -198,3 +198,28 @@ async def test_a_client_that_leaves_before_the_answer_costs_nothing(logs):
         assert (await http_get(port, "/healthz")).status == 200
     finally:
         await listening.stopListening()
+
+
+class _BrokenThenFixedStore:
+    """A store whose backlog() raises before it returns anything, until it is fixed."""
+
+    broken = True
+
+    def backlog(self):
+        if self.broken:
+            raise RuntimeError("database is locked")
+        return defer.succeed({"queued": 0, "sending": 0, "started": 0, "events": 0})
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_store_that_raises_at_once_does_not_wedge_readiness(logs):
+    store = _BrokenThenFixedStore()
+    listening, port = await _serve(ManagementResource(
+        store=store, sa_gate_counts={}, tunnel_counts=dict, clock=task.Clock()))
+    try:
+        assert (await http_get(port, "/readyz")).status == 503
+        assert logs.find("management: store read failed", "database is locked")
+        store.broken = False
+        assert (await http_get(port, "/readyz")).status == 200
+    finally:
+        await listening.stopListening()

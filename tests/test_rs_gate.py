@@ -21,6 +21,7 @@ import pytest
 import pytest_twisted
 import trustme
 from twisted.internet import defer, reactor, task, threads
+from twisted.internet.error import CannotListenError
 
 from armsproxy.push.engine import PushEngine, PushSettings
 from armsproxy.rs_gate import (
@@ -30,7 +31,7 @@ from armsproxy.rs_gate import (
 )
 from armsproxy.rs_gate.server import rs_gate_endpoint
 from armsproxy.store import SQLiteStore
-from armsproxy.tls import ListenerConfigError
+from armsproxy.tls import ListenerConfigError, release_own_unix_lock
 
 SA_A = "0001-0000-1A2B-0105-0000-0000-0000-000A"
 SA_B = "0001-0000-1A2B-0105-0000-0000-0000-000B"
@@ -595,6 +596,34 @@ def short_dir():
     path = tempfile.mkdtemp(prefix="rsg", dir="/tmp")  # AF_UNIX paths are short
     yield Path(path)
     shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stale_lock_naming_this_process_does_not_keep_the_unix_gate_down(
+        gate, short_dir, logs):
+    # A killed armsproxy left rs.sock.lock -> its PID; the restart got the same PID (PID 1 in
+    # a container). Twisted sees a live owner and refuses; armsproxy clears it before listening.
+    sock = short_dir / "rs.sock"
+    os.symlink(str(os.getpid()), f"{sock}.lock")
+    refused = rs_gate_service(reactor, f"unix:{sock}", gate)
+    with pytest.raises(CannotListenError):
+        refused.startService()  # a gate that cannot bind stops the start
+    with pytest.raises(CannotListenError):
+        await refused.when_listening()
+    await refused.stopService()
+    assert release_own_unix_lock(f"unix:{sock}:mode=600")
+    assert logs.find("removed a stale lock naming this process")
+    svc, _ = await serve(f"unix:{sock}", gate)
+    try:
+        assert await call("http://localhost/RPC2", "arms.interface_version",
+                          transport=UnixTransport(str(sock))) == "1.0"
+    finally:
+        await svc.stopService()
+    other = short_dir / "other.sock"
+    os.symlink(str(os.getppid()), f"{other}.lock")  # a live process that is not us: kept
+    assert not release_own_unix_lock(f"unix:{other}")
+    assert os.path.islink(f"{other}.lock")
+    assert not release_own_unix_lock("tcp:8780")
 
 
 @pytest_twisted.ensureDeferred

@@ -154,9 +154,9 @@ class RSGateService(service.Service):
             self._failure = reason
 
         d.addCallbacks(listening, failed)
+        self._listening = d  # when_listening() reports the failure; stopService copes
         if self._failure is not None:  # could not bind: stop the start, as the other gates do
             self._failure.raiseException()
-        self._listening = d
 
     def when_listening(self) -> defer.Deferred[IListeningPort]:
         """Fires with the listening port (fails if listening failed); start the service first."""
