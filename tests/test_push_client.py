@@ -436,6 +436,22 @@ async def test_without_a_pin_only_the_chain_is_checked(pki, sa):
 
 
 @pytest_twisted.ensureDeferred
+async def test_concurrent_pushes_on_one_client_each_check_their_own_pin(pki, sa):
+    # The client's one TLS context is shared; the pin travels with each connection.
+    c = client(pki)
+    port_sa, port_other = sa.listen(pki.sa), sa.listen(pki.sa_other)
+    results = await defer.DeferredList([
+        defer.ensureDeferred(push(c, port, pin))
+        for port, pin in [(port_sa, pki.sa), (port_other, pki.sa), (port_other, pki.sa_other),
+                          (port_sa, pki.sa_other), (port_sa, pki.sa)]
+    ], consumeErrors=True)
+    outcomes = [r.peer_certificate_sha256 if ok else r.value.reason for ok, r in results]
+    assert outcomes[0] == pki.sa.sha256 and outcomes[4] == pki.sa.sha256
+    assert outcomes[2] == pki.sa_other.sha256
+    assert "pin mismatch" in outcomes[1] and "pin mismatch" in outcomes[3]
+
+
+@pytest_twisted.ensureDeferred
 async def test_ipv6_push_endpoint(pki, sa):
     port = sa.listen(pki.sa_v6, interface="::1")
     answer = await push(client(pki), port, pki.sa_v6, host="::1")

@@ -198,10 +198,10 @@ def _ssl_error_text(exc: BaseException) -> str:
 
 
 class _Verification:
-    """Verification state of one connection; its context's verify callback is ``verify``.
+    """Verification state of one connection, whose own verify callback is ``verify``.
 
-    (Twisted takes the connection's app data for itself, hence a context per connection,
-    which is also what libarms does: no TLS session is ever resumed.)
+    (Twisted takes the connection's app data for itself, hence the callback per connection on
+    the client's one context. No TLS session is ever resumed, as libarms does.)
     """
 
     def __init__(self, pin: bytes | None) -> None:
@@ -238,6 +238,13 @@ class _Verification:
         return True
 
 
+def _refuse_unverified(connection: SSL.Connection, cert: crypto.X509, errno: int, depth: int,
+                       ok: int) -> bool:
+    """The context's own callback, never reached (every connection sets its own): a
+    connection that did not would verify nothing, so it refuses everything."""
+    return False
+
+
 @implementer(IOpenSSLClientConnectionCreator)
 class _ConnectionCreator:
     """Hands Twisted a connection without SNI (the host is an IP) on its own context."""
@@ -248,6 +255,7 @@ class _ConnectionCreator:
 
     def clientConnectionForTLS(self, tlsProtocol: TLSMemoryBIOProtocol) -> SSL.Connection:
         connection = SSL.Connection(self._context, None)
+        connection.set_verify(SSL.VERIFY_PEER, self._verification.verify)  # this one's pin
         self._verification.connection = connection
         return connection
 
@@ -350,8 +358,7 @@ class _Exchange:
         tcp = endpoint_class(
             client._reactor, self._host, self._port, timeout=client._connect_timeout
         )
-        context = client._new_context(self._verification)
-        endpoint = wrapClientTLS(_ConnectionCreator(context, self._verification), tcp)
+        endpoint = wrapClientTLS(_ConnectionCreator(client._context, self._verification), tcp)
         self._connecting = endpoint.connect(_PushFactory(self))
         self._connecting.addCallbacks(self._connected, self._connect_failed)
         return self.result
@@ -563,9 +570,11 @@ class SAPushClient:
                 self._client_key = serialization.load_pem_private_key(key_block.group(0), None)
             except (ValueError, TypeError) as e:
                 raise ValueError(f"client_cert_pem: unusable private key: {e}") from None
-        self._new_context(_Verification(None))  # fail now on material OpenSSL refuses
+        # One context for every push (built now: material OpenSSL refuses fails here); each
+        # connection brings its own verify callback with its pin.
+        self._context = self._new_context()
 
-    def _new_context(self, verification: _Verification) -> SSL.Context:
+    def _new_context(self) -> SSL.Context:
         context = SSL.Context(SSL.TLS_METHOD)
         context.set_min_proto_version(self._minimum)
         if self._minimum < SSL.TLS1_2_VERSION:
@@ -578,7 +587,7 @@ class SAPushClient:
             store.add_cert(ca)
         # Trust what was configured even if it is an intermediate, not a self-signed root.
         store.set_flags(crypto.X509StoreFlags.PARTIAL_CHAIN)
-        context.set_verify(SSL.VERIFY_PEER, verification.verify)
+        context.set_verify(SSL.VERIFY_PEER, _refuse_unverified)  # replaced per connection
         context.set_verify_depth(10)
         if self._client_certs:
             try:
