@@ -18,6 +18,7 @@ from armsproxy.arms.codec import parse_message
 from armsproxy.push.client import PushAnswer, PushNoAnswer, PushUnreachable
 from armsproxy.push.engine import OrderRejected, PushEngine, PushSettings
 from armsproxy.store.sqlite import SQLiteStore
+from armsproxy.tunnel import TunnelRegistry
 
 VECTORS = Path(__file__).parent / "vectors" / "simple"
 DISTID = "0001-0002-0003-0004-0005-0006-0007-0008"
@@ -388,6 +389,37 @@ async def test_confirmation_done_is_sent_and_retried_within_the_window(store, sa
     assert record.confirmed and record.push_endpoint == "https://127.0.0.1:18450/"
     assert [e.kind for e in await store.pending_events(10)] == ["sa.confirmed"]
     assert "add_events" not in calls  # committed with the registry change
+
+
+class _Tunnel:
+    """What the engine reads of a tunnel (the session's own tests cover the session)."""
+
+    id, peer, path, confirmed = 7, "198.51.100.7:40000", "/arms-tunnel", True
+    distid = DISTID
+
+    def info(self) -> dict:
+        return {"id": self.id, "distid": self.distid, "peer": self.peer, "path": self.path}
+
+
+@pytest_twisted.ensureDeferred
+async def test_tunnel_up_and_down_commit_registry_and_event_together(store, sa, clock):
+    engine = PushEngine(store=store, client=sa, keys=Keys(), clock=clock,
+                        settings=PushSettings(result_url=RESULT_URL), tunnels=TunnelRegistry())
+    calls: list[str] = []
+    store.db_hook = calls.append
+    engine.tunnel_up(_Tunnel())
+    await settle(engine, clock)
+    record = await store.sa_get(DISTID)
+    assert record.push_method == "https-tunnel" and record.confirmed
+    engine.tunnel_down(_Tunnel(), "zero-size chunk")
+    await settle(engine, clock)
+    record = await store.sa_get(DISTID)
+    assert record.tunnels[-1]["close_reason"] == "zero-size chunk"
+    events = await store.pending_events(10)
+    assert [(e.kind, e.payload["tunnel_id"]) for e in events] == [
+        ("sa.tunnel_up", 7), ("sa.tunnel_down", 7)]
+    assert events[1].payload["reason"] == "zero-size chunk"
+    assert "add_events" not in calls and calls.count("sa_update") == 2
 
 
 @pytest_twisted.ensureDeferred
