@@ -71,23 +71,14 @@ class ManagementResource(Resource):
 
     async def _backlog(self) -> dict[str, int] | None:
         """The store's backlog, or None if it fails or takes longer than ``store_timeout``."""
-        answer: defer.Deferred[dict[str, int] | None] = defer.Deferred()
-
-        def settle(result: object) -> None:
-            if answer.called:
-                return
-            if isinstance(result, Failure):
-                log.warn("management: store read failed: {error}", error=result.getErrorMessage())
-                result = None
-            answer.callback(result)  # type: ignore[arg-type]
-
-        timer = self._clock.callLater(self._store_timeout, settle, Failure(
-            TimeoutError(f"no answer in {self._store_timeout:g} s")))
-        self._shared_read().addBoth(settle)
-        result = await answer
-        if timer.active():
-            timer.cancel()
-        return result
+        try:
+            return await self._shared_read().addTimeout(self._store_timeout, self._clock)
+        except defer.TimeoutError:
+            error = f"no answer in {self._store_timeout:g} s"
+        except Exception as e:
+            error = str(e) or type(e).__name__
+        log.warn("management: store read failed: {error}", error=error)
+        return None
 
     def _shared_read(self) -> defer.Deferred[dict[str, int]]:
         """One store read at a time, whatever the number of probes: a store that hangs must
@@ -101,7 +92,8 @@ class ManagementResource(Resource):
         def done(result: object) -> None:
             self._waiters = None
             for w in waiters:
-                w.callback(result)  # a Failure goes down each waiter's errback path
+                if not w.called:  # a waiter that timed out has had its answer
+                    w.callback(result)  # a Failure goes down the waiter's errback path
 
         # maybeDeferred: a store that raises at once must not leave a read "in progress"
         defer.maybeDeferred(self._store.backlog).addBoth(done)

@@ -247,7 +247,8 @@ def _refuse_unverified(connection: SSL.Connection, cert: crypto.X509, errno: int
 
 @implementer(IOpenSSLClientConnectionCreator)
 class _ConnectionCreator:
-    """Hands Twisted a connection without SNI (the host is an IP) on its own context."""
+    """Hands Twisted a connection without SNI (the host is an IP), on the client's context,
+    with this push's own verify callback."""
 
     def __init__(self, context: SSL.Context, verification: _Verification) -> None:
         self._context = context

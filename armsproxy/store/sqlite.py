@@ -597,7 +597,7 @@ def _backlog(conn: sqlite3.Connection) -> dict[str, int]:
     active = sorted(STATES - FINAL)
     counts = dict.fromkeys(active, 0)
     counts.update(conn.execute(  # operations_state_sa: an index range per state
-        f"SELECT state, COUNT(*) FROM operations WHERE state IN ({', '.join('?' * len(active))})"
+        f"SELECT state, COUNT(*) FROM operations WHERE state IN ({_marks(len(active))})"
         " GROUP BY state", active).fetchall())
     counts["events"] = conn.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
     return counts
