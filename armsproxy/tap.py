@@ -17,7 +17,6 @@ from typing import Any
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.internet import defer
-from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
@@ -33,7 +32,13 @@ from .rs_gate import RSGate, rs_gate_service
 from .sa_gate.protocol import GateLimits, SAGateFactory
 from .sa_gate.relay import PullRelay, RelaySettings
 from .store.sqlite import SQLiteStore
-from .tls import ListenerConfigError, TLSPolicy, release_own_unix_lock, tls_listener
+from .tls import (
+    ListenerConfigError,
+    TLSPolicy,
+    release_own_unix_lock,
+    server_endpoint,
+    tls_listener,
+)
 from .tunnel import TunnelRegistry, TunnelSession, parse_basic_authorization
 
 log = Logger()
@@ -254,10 +259,9 @@ def _listener(endpoint: Any, factory: Any) -> StreamServerEndpointService:
 def _add_management(cfg: Config, top: service.MultiService, reactor: Any, store: SQLiteStore,
                     relay: PullRelay, tunnels: TunnelRegistry) -> None:
     try:
-        endpoint = serverFromString(reactor, cfg.management_listen)
-    except (ValueError, TypeError, KeyError) as e:
-        raise usage.UsageError(
-            f"[management] listen {cfg.management_listen!r}: not an endpoint ({e})") from None
+        endpoint = server_endpoint(reactor, cfg.management_listen, "[management] listen")
+    except ListenerConfigError as e:
+        raise usage.UsageError(str(e)) from None
     resource = ManagementResource(store=store, sa_gate_counts=relay.stats,
                                   tunnel_counts=tunnels.counts, clock=reactor)
     management = _listener(endpoint, ManagementSite(resource, reactor))
@@ -306,7 +310,11 @@ def _add_demo_rs(cfg: Config, top: service.MultiService, reactor: Any) -> None:
     assert cfg.demo_rs_db is not None
     db = DemoDB(cfg.demo_rs_db)
     site = make_demo_rs_site(db)
-    demo = _listener(serverFromString(reactor, cfg.demo_rs_listen), site)
+    try:
+        endpoint = server_endpoint(reactor, cfg.demo_rs_listen, "[demo_rs] listen")
+    except ListenerConfigError as e:
+        raise usage.UsageError(str(e)) from None
+    demo = _listener(endpoint, site)
     demo.setName("demo-rs")
     demo.setServiceParent(top)
     print(

@@ -80,6 +80,17 @@ def split_endpoint(description: str) -> EndpointSpec:
     return spec
 
 
+def server_endpoint(reactor: object, description: str, what: str,
+                    configured: str | None = None) -> IStreamServerEndpoint:
+    """``serverFromString``, a description it cannot use reported as
+    ``what 'configured': reason`` (``configured``: what the operator wrote, if it was rewritten)."""
+    try:
+        endpoint: IStreamServerEndpoint = serverFromString(reactor, description)
+    except (ValueError, TypeError, KeyError) as e:
+        raise ListenerConfigError(f"{what} {configured or description!r}: {e}") from None
+    return endpoint
+
+
 def release_own_unix_lock(description: str) -> bool:
     """Remove a ``unix:`` listener's stale lock that names this very process.
 
@@ -206,10 +217,7 @@ def tls_listener(reactor: object, description: str, policy: TLSPolicy) -> TLSLis
         policy,
     )
     tcp = ":".join(["tcp", port] + [f"{k}={_quote(v)}" for k, v in spec.kwargs.items()])
-    try:
-        endpoint = serverFromString(reactor, tcp)
-    except (ValueError, TypeError) as e:
-        raise ListenerConfigError(f"SA gate listener {description!r}: {e}") from None
+    endpoint = server_endpoint(reactor, tcp, "SA gate listener", description)
     if TLS_VERSIONS[policy.minimum_version] < ssl.TLSVersion.TLSv1_2:
         log.warn(
             "SA gate accepts TLS {v} (opt-in for real libarms devices, which speak only "

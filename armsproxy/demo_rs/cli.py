@@ -273,16 +273,16 @@ def _cmd_events(conn: sqlite3.Connection, args: argparse.Namespace) -> int:
 
 def _cmd_serve(db_path: Path, listen: str) -> int:
     from twisted.internet import reactor
-    from twisted.internet.endpoints import serverFromString
     from twisted.internet.interfaces import IListeningPort
     from twisted.logger import globalLogBeginner, textFileLogObserver
 
     from armsproxy.demo_rs.server import make_demo_rs_site
+    from armsproxy.tls import ListenerConfigError, server_endpoint
 
     try:
-        endpoint = serverFromString(reactor, listen)
-    except (ValueError, TypeError, KeyError) as e:
-        raise UsageError(f"bad --listen endpoint {listen!r}: {e}")
+        endpoint = server_endpoint(reactor, listen, "bad --listen endpoint")
+    except ListenerConfigError as e:
+        raise UsageError(str(e)) from None
     failed: list[str] = []
     database = demo_db.DemoDB(db_path, reactor=reactor)
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)])

@@ -19,14 +19,19 @@ from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from OpenSSL import SSL, crypto
 from twisted.application import service
 from twisted.internet import defer, ssl
-from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import pages, server
 from twisted.web.resource import IResource, Resource
 
-from ..tls import ListenerConfigError, TLSListener, load_pem_chain, split_endpoint
+from ..tls import (
+    ListenerConfigError,
+    TLSListener,
+    load_pem_chain,
+    server_endpoint,
+    split_endpoint,
+)
 
 log = Logger()
 
@@ -257,7 +262,8 @@ def rs_gate_endpoint(reactor: Any, listen: str, *, tls_client_ca: bytes | None =
             log.warn("rs gate: TLS on {listen} without required client certificates: anyone "
                      "who can connect can push to every device", listen=listen)
         tcp = ":".join(["tcp", port] + [f"{k}={_quote(v)}" for k, v in spec.kwargs.items()])
-        return TLSListener(endpoint=_endpoint(reactor, tcp, listen), options=options)
+        return TLSListener(endpoint=server_endpoint(reactor, tcp, "RS gate listener", listen),
+                           options=options)
     if tls_client_ca is not None:
         log.warn("rs gate: a client CA is configured but {listen} is not an ssl: listener; "
                  "it is not used", listen=listen)
@@ -269,15 +275,7 @@ def rs_gate_endpoint(reactor: Any, listen: str, *, tls_client_ca: bytes | None =
                      "unix socket or ssl: with client certificates", interface=interface)
     if spec.kind == "unix" and "mode" not in spec.kwargs:
         listen += f":mode={UNIX_DEFAULT_MODE}"
-    return _endpoint(reactor, listen, listen)
-
-
-def _endpoint(reactor: Any, description: str, configured: str) -> IStreamServerEndpoint:
-    try:
-        endpoint: IStreamServerEndpoint = serverFromString(reactor, description)
-    except (ValueError, TypeError, KeyError) as e:
-        raise ListenerConfigError(f"RS gate listener {configured!r}: {e}") from None
-    return endpoint
+    return server_endpoint(reactor, listen, "RS gate listener")
 
 
 def rs_gate_service(
