@@ -4,11 +4,15 @@ Also: the tunnel lost while an operation is in flight, and the device reconnecti
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
 import pytest_twisted
 from lxml import etree
 from twisted.internet import reactor
 
-from armsproxy.config import embedded
+from armsproxy.config import Config, embedded
 from armsproxy.demo_rs import cli as demo_cli
 from armsproxy.tap import build_services
 from armsproxy.tools.sadevice import DeviceModule
@@ -19,26 +23,48 @@ from tests.test_push_e2e import DISTID, KEY, ORDERS, RS, demo_events, free_port,
 FINAL = ("succeeded", "failed", "expired", "cancelled")
 
 
-async def start_tunnel_proxy(tmp_path, tunnel_port: int | None = None):
-    """The embedded default; with ``tunnel_port``, tunnels get a listener of their own."""
+@dataclass
+class TunnelRig:
+    cfg: Config
+    url: str  # the SA gate's (pull) URL
+    rs: RS
+    new_device: Callable[..., Awaitable[SimulatedTunnelDevice]]
+
+
+@asynccontextmanager
+async def tunnel_proxy(tmp_path, tunnel_port: int | None = None):
+    """The embedded default with the harness SA registered; the devices made with
+    ``new_device`` are stopped, then the proxy. With ``tunnel_port``, tunnels get a listener
+    of their own."""
     port, rs_port, gate_port = free_port(), free_port(), free_port()
     cfg = embedded(tmp_path / "data", port=port, rs_port=rs_port, rs_gate_port=gate_port)
     cfg.echo_interval = 1
+    pki = cfg.data_dir / "pki"
     if tunnel_port is not None:
-        pki = cfg.data_dir / "pki"
         cfg.tunnel_listen = (f"ssl:{tunnel_port}:interface=127.0.0.1:"
                              f"privateKey={pki / 'server.key'}:certKey={pki / 'server.pem'}")
         cfg.tunnel_urls = [f"https://127.0.0.1:{tunnel_port}/arms-tunnel"]
     top = build_services(cfg, reactor)
     top.startService()
-    pki = cfg.data_dir / "pki"
-    assert demo_cli.main(["--db", str(cfg.demo_rs_db), "register", DISTID, "--key", KEY,
-                          "--module", "1:1.0.0:harness-module",
-                          "--push-methods", "https-tunnel"]) == 0
-    assert demo_cli.main(["--db", str(cfg.demo_rs_db), "issue-cert", DISTID,
-                          "--ca-cert", str(pki / "ca.pem"),
-                          "--ca-key", str(pki / "ca.key")]) == 0
-    return top, cfg, cfg.public_urls[0], RS(gate_port)
+    url = cfg.public_urls[0]
+    devices: list[SimulatedTunnelDevice] = []
+
+    async def new_device(behaviour: TunnelBehaviour | None = None) -> SimulatedTunnelDevice:
+        devices.append(await tunnel_device(cfg, url, behaviour))
+        return devices[-1]
+
+    try:
+        assert demo_cli.main(["--db", str(cfg.demo_rs_db), "register", DISTID, "--key", KEY,
+                              "--module", "1:1.0.0:harness-module",
+                              "--push-methods", "https-tunnel"]) == 0
+        assert demo_cli.main(["--db", str(cfg.demo_rs_db), "issue-cert", DISTID,
+                              "--ca-cert", str(pki / "ca.pem"),
+                              "--ca-key", str(pki / "ca.key")]) == 0
+        yield TunnelRig(cfg, url, RS(gate_port), new_device)
+    finally:
+        for device in devices:
+            await device.stop()
+        await top.stopService()
 
 
 async def tunnel_device(cfg, url, behaviour=None) -> SimulatedTunnelDevice:
@@ -76,12 +102,10 @@ async def wait_final(rs: RS, ids, timeout: float = 60.0) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_every_operation_through_a_tunnel(tmp_path):
-    top, cfg, url, rs = await start_tunnel_proxy(tmp_path)
-    device = None
-    try:
-        device = await tunnel_device(cfg, url)
+    async with tunnel_proxy(tmp_path) as rig:
+        device = await rig.new_device()
         async def registered():
-            status = await rs.call("sa.status", DISTID)
+            status = await rig.rs.call("sa.status", DISTID)
             live = [t for t in status.get("tunnels", []) if not t.get("closed_at")]
             return status.get("push_method") == "https-tunnel" and len(live) == 1
 
@@ -90,10 +114,10 @@ async def test_every_operation_through_a_tunnel(tmp_path):
         # pull-config makes a device leave its event loop and re-pull (§7.14), closing its
         # tunnel for good; the https-simple end-to-end test covers it.
         for operation, params in [o for o in ORDERS if o[0] != "pull-config"]:
-            ids[operation] = await rs.call("push.submit", {
+            ids[operation] = await rig.rs.call("push.submit", {
                 "distribution_id": DISTID, "operation": operation, "params": params})
-        await wait_final(rs, ids.values())
-        results = {op: await rs.call("push.result", i) for op, i in ids.items()}
+        await wait_final(rig.rs, ids.values())
+        results = {op: await rig.rs.call("push.result", i) for op, i in ids.items()}
         for op, result in results.items():
             assert result["state"] == "succeeded", (op, result)
             assert "tunnel" in result["raw"][0]["via"]
@@ -112,27 +136,21 @@ async def test_every_operation_through_a_tunnel(tmp_path):
         assert device.reconnects >= 1
 
         async def events():
-            kinds = [e["event"]["kind"] for e in await demo_events(cfg)]
+            kinds = [e["event"]["kind"] for e in await demo_events(rig.cfg)]
             return kinds.count("sa.tunnel_up") >= 2 and "sa.tunnel_down" in kinds
 
         await until(events, timeout=20, what="tunnel events at the RS")
-        tunnels = (await rs.call("sa.status", DISTID))["tunnels"]
+        tunnels = (await rig.rs.call("sa.status", DISTID))["tunnels"]
         assert tunnels and all(t.get("closed_at") for t in tunnels)  # none live after reboot
         assert any("zero" in t["close_reason"] or "closed by the SA" in t["close_reason"]
                    for t in tunnels), tunnels
-    finally:
-        if device is not None:
-            await device.stop()
-        await top.stopService()
 
 
 @pytest_twisted.ensureDeferred
 async def test_tunnel_lost_while_operations_are_in_flight(tmp_path):
-    top, cfg, url, rs = await start_tunnel_proxy(tmp_path)
-    device = None
-    try:
-        device = await tunnel_device(cfg, url, TunnelBehaviour(answer_delay=0.5))
-        command = await rs.call("push.submit", {
+    async with tunnel_proxy(tmp_path) as rig:
+        device = await rig.new_device(TunnelBehaviour(answer_delay=0.5))
+        command = await rig.rs.call("push.submit", {
             "distribution_id": DISTID, "operation": "md-command",
             "params": {"module_id": 1, "command": "show version"}})
         await until(lambda: any(p.operation == "md-command" for p in device.received),
@@ -140,20 +158,16 @@ async def test_tunnel_lost_while_operations_are_in_flight(tmp_path):
         # Cut the tunnel under the waiting request (no zero chunk, like a NAT timeout).
         for tunnel in list(device._live):
             tunnel.kill()
-        await wait_final(rs, [command])
-        status = await rs.call("push.status", command)
+        await wait_final(rig.rs, [command])
+        status = await rig.rs.call("push.status", command)
         assert status["state"] == "failed" and "may have run" in status["last_error"]
         # The device reconnects and confirms again; read-only work goes through.
         await device.ready(timeout=15)
-        listing = await rs.call("push.submit", {"distribution_id": DISTID,
-                                                "operation": "read-module-list"})
-        await wait_final(rs, [listing])
-        assert (await rs.call("push.status", listing))["state"] == "succeeded"
+        listing = await rig.rs.call("push.submit", {"distribution_id": DISTID,
+                                                    "operation": "read-module-list"})
+        await wait_final(rig.rs, [listing])
+        assert (await rig.rs.call("push.status", listing))["state"] == "succeeded"
         assert device.reconnects >= 1
-    finally:
-        if device is not None:
-            await device.stop()
-        await top.stopService()
 
 
 @pytest_twisted.ensureDeferred
@@ -166,10 +180,8 @@ async def test_a_live_tunnel_keeps_no_copy_of_its_credentials(tmp_path):
     from armsproxy.sa_gate.protocol import SAGateProtocol
     from armsproxy.tunnel.session import TunnelSession
 
-    top, cfg, url, _rs = await start_tunnel_proxy(tmp_path)
-    device = None
-    try:
-        device = await tunnel_device(cfg, url)
+    async with tunnel_proxy(tmp_path) as rig:
+        await rig.new_device()
         credentials = base64.b64encode(f"{DISTID}:{KEY}".encode()).decode()
         gates = [o for o in gc.get_objects()
                  if isinstance(o, SAGateProtocol) and o._tunnel is not None]
@@ -179,32 +191,22 @@ async def test_a_live_tunnel_keeps_no_copy_of_its_credentials(tmp_path):
             names = [*getattr(holder, "__dict__", ()), *getattr(type(holder), "__slots__", ())]
             held = repr([getattr(holder, name, None) for name in names])
             assert credentials not in held and KEY not in held, holder
-    finally:
-        if device is not None:
-            await device.stop()
-        await top.stopService()
 
 
 @pytest_twisted.ensureDeferred
 async def test_tunnels_on_a_listener_of_their_own(tmp_path):
     tunnel_port = free_port()
-    top, cfg, url, rs = await start_tunnel_proxy(tmp_path, tunnel_port)
-    device = None
-    try:
-        device = await tunnel_device(cfg, url)  # pulls on the SA gate, tunnels on its own port
+    async with tunnel_proxy(tmp_path, tunnel_port) as rig:
+        device = await rig.new_device()  # pulls on the SA gate, tunnels on its own port
         assert device.tunnel_urls == [f"https://127.0.0.1:{tunnel_port}/arms-tunnel"]
-        op = await rs.call("push.submit", {"distribution_id": DISTID,
-                                           "operation": "check-transaction", "params": {}})
-        await wait_final(rs, [op])
-        result = await rs.call("push.result", op)
+        op = await rig.rs.call("push.submit", {"distribution_id": DISTID,
+                                               "operation": "check-transaction", "params": {}})
+        await wait_final(rig.rs, [op])
+        result = await rig.rs.call("push.result", op)
         assert result["state"] == "succeeded" and "tunnel" in result["raw"][0]["via"]
         # The tunnel listener serves tunnels only.
-        sa = SimulatedSA(reactor, DISTID, KEY, ca_pem=(cfg.data_dir / "pki" / "ca.pem")
+        sa = SimulatedSA(reactor, DISTID, KEY, ca_pem=(rig.cfg.data_dir / "pki" / "ca.pem")
                          .read_bytes())
         refused = await sa.config_solicitation(f"https://127.0.0.1:{tunnel_port}/arms")
         assert refused.status == 404
-        assert (await sa.config_solicitation(url)).verdict.outcome == "success"
-    finally:
-        if device is not None:
-            await device.stop()
-        await top.stopService()
+        assert (await sa.config_solicitation(rig.url)).verdict.outcome == "success"
