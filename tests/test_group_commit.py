@@ -6,6 +6,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +51,7 @@ class Rig:
 
     def committed(self) -> list[str]:
         """What another connection sees: only committed rows."""
-        with sqlite3.connect(str(self.path)) as other:
+        with closing(sqlite3.connect(str(self.path))) as other:
             return [v for (v,) in other.execute("SELECT v FROM t ORDER BY rowid")]
 
     def close(self) -> defer.Deferred[Any]:
