@@ -314,7 +314,8 @@ async def test_result_of_a_finished_operation(url, store, clock):
                                 "request": xmlrpc.client.Binary(b"<done>\x01odd</done>")}
     # push.status is the same minus result and raw.
     status = await call(url, "push.status", operation_id)
-    assert status == {k: v for k, v in answer.items() if k not in ("result", "raw")}
+    assert status == {k: v for k, v in answer.items() if k not in ("result", "raw", "order")}
+    assert answer["order"] == {"params": {"address": "192.0.2.1"}}
 
 
 @pytest_twisted.ensureDeferred

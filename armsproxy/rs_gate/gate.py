@@ -7,8 +7,10 @@ defined fault, one log line, and a server that keeps answering:
 ======= ====================================================================================
 fault   meaning
 ======= ====================================================================================
-400     bad call: unparsable request, wrong number or type of arguments, rejected order (the
-        message names the field); nothing was stored
+400     bad call: unparsable request (also: a DTD or entity declaration, values nested
+        deeper than 64 elements, an integer beyond 64 bits, a double not finite), wrong
+        number or type of arguments, rejected order (the message names the field); nothing
+        was stored
 404     unknown ``operation_id`` or ``distribution_id``
 409     conflict: a ``request_id`` reused for a different order; forgetting an unfinished
         operation
@@ -16,6 +18,8 @@ fault   meaning
 500     internal error (logged with its traceback); the call may be retried
 -32601  no such method (the XML-RPC interoperability code, so it cannot be mistaken for 404)
 ======= ====================================================================================
+
+Fault messages are short: a value they echo is cut to 200 characters, a whole message to 500.
 
 XML-RPC has no nil: a value armsproxy does not have is left out of its struct, never sent as
 an empty string or 0. Times are epoch seconds (double).
@@ -25,14 +29,13 @@ from __future__ import annotations
 
 import contextvars
 import inspect
-import math
 import re
 from collections.abc import Callable
 from typing import Any, TypeVar
 from xmlrpc import client as xmlrpclib
 
 from cryptography.x509.oid import NameOID
-from twisted.internet import defer
+from twisted.internet import defer, threads
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.interfaces import IReactorTime, ISSLTransport
 from twisted.logger import Logger
@@ -43,6 +46,7 @@ from ..arms.distid import is_distid
 from ..push.engine import OrderRejected
 from ..push.operations import to_xmlrpc
 from ..store.model import FINAL, STATES, Operation, SARecord
+from .xmlrpc_parse import MAX_MESSAGE, MAX_SHOWN, CallRefused, bounded, parse_call, shown
 
 log = Logger()
 
@@ -58,8 +62,13 @@ NO_SUCH_METHOD = -32601
 MAX_LIMIT = 1000
 DEFAULT_LIMIT = 100
 SLOW_CALL = 5.0  # seconds; a call slower than this is logged (usually a slow disk)
+MAX_LOGGED_METHOD = 100  # characters of a method name in a log line
+# Parsing is Python callbacks under expat, ~90 ms per MiB of small values: a call larger than
+# this is parsed in a thread, so the reactor (every device's pull) is never held that long.
+PARSE_IN_THREAD = 32 * 1024  # bytes
 
 _INT32_MAX = 2**31 - 1
+_EPOCH_MAX = 1e15  # seconds (some 30 million years); larger is nonsense, not a time
 _NOT_XML_CHAR = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
 
 _STATUS_FIELDS = (
@@ -105,8 +114,13 @@ def _rpc(name: str, *signatures: list[str]) -> Callable[[F], F]:
 # -- argument checks --------------------------------------------------------------------------
 
 
+def _fault(code: int, message: str) -> xmlrpclib.Fault:
+    """A fault whose message is short, whatever a client sent: every fault is built here."""
+    return xmlrpclib.Fault(code, _text(bounded(message, MAX_MESSAGE)))
+
+
 def _bad(message: str) -> xmlrpclib.Fault:
-    return xmlrpclib.Fault(BAD_REQUEST, message)
+    return _fault(BAD_REQUEST, message)
 
 
 def _kind(value: object) -> str:
@@ -123,30 +137,31 @@ def _operation_id(value: object) -> str:
 
 def _distid(value: object, key: str = "distribution_id") -> str:
     if not isinstance(value, str) or not is_distid(value):
-        raise _bad(f"{key}: 8 groups of 4 upper-case hex digits expected, got {value!r}")
+        raise _bad(f"{key}: 8 groups of 4 upper-case hex digits expected, got {shown(value)}")
     return value
 
 
 def _integer(value: object, key: str, low: int, high: int) -> int:
     if type(value) is not int or not low <= value <= high:
-        raise _bad(f"{key}: an integer from {low} to {high} expected, got {value!r}")
+        raise _bad(f"{key}: an integer from {low} to {high} expected, got {shown(value)}")
     return value
 
 
 def _seconds(value: object, key: str) -> float:
+    # A comparison, not math.isfinite: that raises OverflowError on a huge int (fault 500).
     if isinstance(value, bool) or not isinstance(value, int | float) \
-            or not math.isfinite(value):
-        raise _bad(f"{key}: epoch seconds (int or double) expected, got {value!r}")
+            or not -_EPOCH_MAX <= value <= _EPOCH_MAX:
+        raise _bad(f"{key}: epoch seconds (int or double) expected, got {shown(value)}")
     return float(value)
 
 
 def _filter(value: object, allowed: frozenset[str]) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise _bad(f"filter: a struct expected, got {_kind(value)}")
-    unknown = sorted(str(k) for k in value if k not in allowed)
+    unknown = sorted(bounded(str(k), MAX_SHOWN) for k in value if k not in allowed)
     if unknown:
-        raise _bad(f"filter: unknown key(s) {', '.join(unknown)}; allowed: "
-                   f"{', '.join(sorted(allowed))}")
+        raise _bad(f"filter: unknown key(s) {bounded(', '.join(unknown), MAX_SHOWN)}; "
+                   f"allowed: {', '.join(sorted(allowed))}")
     return value
 
 
@@ -198,6 +213,8 @@ def result_struct(op: Operation) -> dict[str, Any]:
         item = to_xmlrpc(entry)
         raw.append({k: v if k == "kind" else _xml_copy(v) for k, v in item.items()})
     struct["raw"] = raw
+    # The order as accepted, so a failed one can be submitted again (armsproxyctl ops retry).
+    struct["order"] = to_xmlrpc({"params": op.params, "sa_url": op.sa_url, "method": op.method})
     return struct
 
 
@@ -271,7 +288,7 @@ class RSGate(xmlrpc.XMLRPC):
             return super().lookupProcedure(procedurePath)  # system.* (introspection)
         except xmlrpc.NoSuchFunction:
             raise xmlrpc.NoSuchFunction(
-                NO_SUCH_METHOD, f"no such method {procedurePath!r}; see system.listMethods"
+                NO_SUCH_METHOD, f"no such method {shown(procedurePath)}; see system.listMethods"
             ) from None
 
     def listProcedures(self) -> list[str]:
@@ -310,17 +327,20 @@ class RSGate(xmlrpc.XMLRPC):
         method = "?"
         started = self.clock.seconds()
         try:
-            args, method = self._parse(body)
-            function = self.lookupProcedure(method)
+            args, name = await self._read_call(body)
+            method = bounded(name, MAX_LOGGED_METHOD)  # for log lines
+            function = self.lookupProcedure(name)
             self._check_arguments(method, function, args)
             result = function(*args)
             if inspect.isawaitable(result):
                 result = await result
             content = xmlrpclib.dumps((result,), methodresponse=True, allow_none=False)
         except xmlrpclib.Fault as fault:
+            # Bounded again here: a fault raised elsewhere (the engine's order checks, Twisted)
+            # may echo a value of any size.
+            fault = _fault(fault.faultCode, str(fault.faultString))
             log.info("rs gate: {peer} {method}: fault {code}: {message}", peer=peer,
                      method=method, code=fault.faultCode, message=fault.faultString)
-            fault = xmlrpclib.Fault(fault.faultCode, _text(str(fault.faultString)))
             content = xmlrpclib.dumps(fault, methodresponse=True, allow_none=False)
         except Exception:  # a bug becomes fault 500 and a traceback, never a dead server
             log.failure("rs gate: {peer} {method}: internal error", peer=peer, method=method)
@@ -332,15 +352,26 @@ class RSGate(xmlrpc.XMLRPC):
                      elapsed=elapsed)
         return content.encode("utf-8")
 
+    async def _read_call(self, body: bytes) -> tuple[tuple[Any, ...], str]:
+        """A small call is parsed at once; a large one in a thread (the GIL is handed back to
+        the reactor every few milliseconds), so that bounded reactor work per call holds for
+        every body the size limit lets through."""
+        if len(body) <= PARSE_IN_THREAD:
+            return self._parse(body)
+        parsed: tuple[tuple[Any, ...], str] = await threads.deferToThread(self._parse, body)
+        return parsed
+
     @staticmethod
     def _parse(body: bytes) -> tuple[tuple[Any, ...], str]:
-        # XML-RPC never needs a DTD; refusing one shuts out entity expansion tricks early.
-        if b"<!DOCTYPE" in body.split(b"<methodCall", 1)[0].upper():
-            raise _bad("cannot read the XML-RPC call: a DTD is not allowed")
+        # parse_call refuses DTDs and entities (before any expansion, in any encoding), deep
+        # nesting and out-of-range numbers; see xmlrpc_parse.
         try:
-            args, method = xmlrpclib.loads(body, use_datetime=False, use_builtin_types=False)
-        except Exception as e:  # expat and the unmarshaller raise many kinds
+            args, method = parse_call(body)
+        except CallRefused as e:
             raise _bad(f"cannot read the XML-RPC call: {e}") from None
+        except Exception as e:  # expat and the unmarshaller raise many kinds
+            why = bounded(str(e) or type(e).__name__, MAX_SHOWN)
+            raise _bad(f"cannot read the XML-RPC call: {why}") from None
         if not isinstance(method, str) or not method:
             raise _bad("cannot read the XML-RPC call: no methodName")
         return args, method
@@ -408,7 +439,8 @@ class RSGate(xmlrpc.XMLRPC):
                            instead of the endpoint the SA registered
           method           string, optional: "https-simple" or "https-tunnel"
           expires_in       int or double, optional: seconds until the order expires if it
-                           could not be delivered (default: the configured one)
+                           could not be delivered (default: the configured one; at most
+                           10 years)
 
         Faults: 400 the order is rejected (the message names the field and what is
         allowed; nothing was stored); 409 request_id already used for a different order.
@@ -430,7 +462,7 @@ class RSGate(xmlrpc.XMLRPC):
         new = self.engine.validate_order(order)
         differs = [name for name in _ORDER_FIELDS if getattr(new, name) != getattr(op, name)]
         if differs:
-            raise xmlrpclib.Fault(
+            raise _fault(
                 CONFLICT,
                 f"request_id {op.request_id!r} was already used for operation "
                 f"{op.operation_id} with a different {', '.join(differs)}",
@@ -439,7 +471,7 @@ class RSGate(xmlrpc.XMLRPC):
     async def _operation(self, operation_id: object) -> Operation:
         op: Operation | None = await self.store.get(_operation_id(operation_id))
         if op is None:
-            raise xmlrpclib.Fault(NOT_FOUND, f"unknown operation_id {operation_id!r}")
+            raise _fault(NOT_FOUND, f"unknown operation_id {shown(operation_id)}")
         return op
 
     @_rpc("push.status", ["struct", "string"])
@@ -482,12 +514,14 @@ class RSGate(xmlrpc.XMLRPC):
                    done-request), at: double, request: string, answer?: string,
                    status?: int (HTTP status of the answer)}; a text XML cannot carry
                    is sent as Binary of its UTF-8 bytes.
+          order    struct: the order as accepted, {params, sa_url?, method?}, so that a
+                   failed or expired operation can be submitted again as a new one.
 
         Faults: 404 unknown operation_id; 410 forgotten (the result was deleted).
         """
         op = await self._operation(operation_id)
         if op.forgotten:
-            raise xmlrpclib.Fault(GONE, "forgotten")
+            raise _fault(GONE, "forgotten")
         return result_struct(op)
 
     @_rpc("push.cancel", ["struct", "string"])
@@ -502,7 +536,7 @@ class RSGate(xmlrpc.XMLRPC):
         """
         cancelled, state = await self.engine.cancel(_operation_id(operation_id))
         if state is None:
-            raise xmlrpclib.Fault(NOT_FOUND, f"unknown operation_id {operation_id!r}")
+            raise _fault(NOT_FOUND, f"unknown operation_id {shown(operation_id)}")
         log.info("rs gate: {peer} push.cancel {op}: {outcome}", peer=_peer.get(),
                  op=operation_id, outcome="cancelled" if cancelled else f"too late ({state})")
         return {"cancelled": cancelled, "state": state}
@@ -531,7 +565,7 @@ class RSGate(xmlrpc.XMLRPC):
             if not isinstance(states, list) or not states \
                     or not all(isinstance(s, str) and s in STATES for s in states):
                 raise _bad("filter.states: a non-empty array of states expected, each one of "
-                           f"{', '.join(sorted(STATES))}; got {states!r}")
+                           f"{', '.join(sorted(STATES))}; got {shown(states)}")
             query["states"] = states
         for key in ("since", "until"):
             if key in f:
@@ -557,8 +591,8 @@ class RSGate(xmlrpc.XMLRPC):
         """
         op = await self._operation(operation_id)
         if op.state not in FINAL:
-            raise xmlrpclib.Fault(CONFLICT, f"operation {op.operation_id} is still {op.state}; "
-                                         "forget it once it has finished")
+            raise _fault(CONFLICT, f"operation {op.operation_id} is still {op.state}; "
+                                "forget it once it has finished")
         forgotten: bool = await self.store.forget(op.operation_id)
         log.info("rs gate: {peer} push.forget {op}", peer=_peer.get(), op=op.operation_id)
         return forgotten
@@ -586,7 +620,7 @@ class RSGate(xmlrpc.XMLRPC):
         distid = _distid(distribution_id)
         record = await self.store.sa_get(distid)
         if record is None:
-            raise xmlrpclib.Fault(NOT_FOUND, f"unknown distribution_id {distid}")
+            raise _fault(NOT_FOUND, f"unknown distribution_id {distid}")
         return sa_struct(record)
 
     @_rpc("sa.list", ["struct", "struct"], ["struct"])
@@ -604,7 +638,7 @@ class RSGate(xmlrpc.XMLRPC):
         f = _filter({} if filter is None else filter, _SA_LIST_KEYS)
         confirmed = f.get("confirmed")
         if confirmed is not None and not isinstance(confirmed, bool):
-            raise _bad(f"filter.confirmed: a boolean expected, got {confirmed!r}")
+            raise _bad(f"filter.confirmed: a boolean expected, got {shown(confirmed)}")
         limit, offset = _paging(f)
         records = await self.store.sa_list(limit=limit + 1, offset=offset, confirmed=confirmed)
         page, next_offset = _page(records, limit, offset)
