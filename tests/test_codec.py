@@ -77,6 +77,55 @@ def test_hostile_or_malformed_input_is_refused(data, reason):
     assert err.value.reason == reason
 
 
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (b'<?xml version="1.0" encoding="UTF-7"?>' + GOOD.replace(b"power", b"+AOk-"),
+         "encoding"),
+        (b"<?xml version='1.0' encoding = 'iso-2022-jp'?>" + GOOD, "encoding"),
+        (GOOD.decode().encode("utf-16-le"), "encoding"),
+        (GOOD.replace(b"power", b"p\x00wer"), "encoding"),
+        (GOOD.replace(b"<trigger>", b"<trigger" + b"".join(b' a%d="1"' % i for i in range(33))
+                      + b">"), "too-many-attributes"),
+        (GOOD.replace(b"<trigger>", b"<trigger" + b"".join(b' xmlns:a%d="u"' % i for i in range(33))
+                      + b">"), "too-many-attributes"),
+        (GOOD.replace(b"<trigger>", b"<trigger>" + b"<a/>" * 4100), "too-many-elements"),
+        (GOOD.replace(b"<trigger>", b"<trigger>" + b"<a></a>" * 4100), "too-many-elements"),
+    ],
+)
+def test_other_encodings_and_too_many_nodes_are_refused(data, reason):
+    with pytest.raises(MessageError) as err:
+        parse_message(data)
+    assert err.value.reason == reason
+
+
+def test_declared_ascii_and_utf8_are_taken_and_references_kept_unless_asked():
+    for encoding in (b"US-ASCII", b"us-ascii", b"ASCII", b"UTF-8", b"utf-8"):
+        data = b'<?xml version="1.0" encoding="' + encoding + b'"?>' + GOOD.replace(
+            b"<description>x", b"<description>caf&#233;")
+        assert parse_message(data).description == "caf\u00e9"
+        with pytest.raises(MessageError) as err:
+            parse_message(data, ascii_text=True)
+        assert err.value.reason == "non-ascii"
+        assert "U+00E9" in err.value.detail
+
+
+def test_a_refusal_quotes_little_of_a_huge_input():
+    # libxml2 quotes the whole value: this one was a 64 KB log line.
+    with pytest.raises(MessageError) as err:
+        parse_message(GOOD.replace(DISTID.encode(), b"A" * 500_000))
+    assert err.value.reason == "schema"
+    assert len(str(err.value)) < 500
+
+
+def test_an_integer_python_will_not_convert_is_an_invalid_value():
+    data = _request("<transaction-id>" + "1" * 5000 + "</transaction-id>"
+                    "<ping-done-request/>", "ping-done")
+    with pytest.raises(MessageError) as err:  # was a ValueError: the SA gate answered 500
+        parse_message(data)
+    assert err.value.reason == "invalid-value"
+
+
 def test_xxe_is_never_resolved(tmp_path):
     secret = tmp_path / "secret.txt"
     secret.write_text("TOPSECRET")

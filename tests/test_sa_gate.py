@@ -330,6 +330,7 @@ async def rigs(gate_pki, logs):
         factory = RecordingGateFactory(
             recording_handler, clock=reactor,
             limits=limits or GateLimits(paths=frozenset({GATE_PATH})),
+            counter=lambda name: relay.stats.update([name]),  # as tap.py wires it
         )
         gate_port = await start_gate(factory, gate_pki, policy)
         rig = Rig(gate_pki, rs, rs_port, rs_client, relay, factory, gate_port, logs, requests)

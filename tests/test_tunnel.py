@@ -954,7 +954,8 @@ async def test_close_sends_the_zero_chunk(env_factory):
 
 @pytest_twisted.ensureDeferred
 @pytest.mark.parametrize("case", ["framing", "hostile xml", "not xml", "oversize",
-                                  "other distid", "unknown request", "done without id"])
+                                  "other distid", "unknown request", "done without id",
+                                  "non-ascii text", "utf-16"])
 async def test_bad_input_closes_without_answer(env_factory, logs, case):
     env = await env_factory(limits=TunnelLimits(max_message_size=2048))
     client, server = await env.confirmed()
@@ -971,6 +972,10 @@ async def test_bad_input_closes_without_answer(env_factory, logs, case):
         "unknown request": chunk(body_of("33-reboot.request.txt").replace(
             b'<?xml version="1.0" encoding="US-ASCII"?>\n', b"")),
         "done without id": chunk(re.sub(rb"<transaction-id>\d+</transaction-id>", b"", done)),
+        # ASCII bytes, non-ASCII text: the SA gate's ASCII rule holds on tunnels too.
+        "non-ascii text": chunk(done.replace(b"</transaction-id>",
+                                             b"</transaction-id><description>caf&#233;</description>")),
+        "utf-16": chunk(done.decode("ascii").encode("utf-16")),
     }[case]
     client.send(data)
     await client.lost

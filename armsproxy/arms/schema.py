@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
+from typing import Any
 
 import xmlschema
 from lxml import etree
@@ -36,19 +37,26 @@ class SchemaError(ValueError):
         self.path = path
 
 
-def safe_parser(**options: bool) -> etree.XMLParser:
+def safe_parser(*, events: tuple[str, ...] = (), **options: bool) -> etree.XMLParser:
     """What every parser of untrusted ARMS XML refuses: DTDs, entities, network, huge trees.
 
-    The wire parser (``codec``) adds its own options on top.
+    The bytes are always decoded as UTF-8, whatever the document declares or its first bytes
+    suggest: libxml2 would otherwise decode UTF-16, UTF-7 or ISO-2022-JP written in 7-bit
+    bytes into non-ASCII text. With ``events`` it is a pull parser, fed piecewise so that
+    its caller can count what it builds and stop early (``codec``); the wire parser adds its
+    own options on top.
     """
-    return etree.XMLParser(
-        resolve_entities=False,
-        no_network=True,
-        load_dtd=False,
-        dtd_validation=False,
-        huge_tree=False,
-        **options,
-    )
+    hardened: dict[str, Any] = {
+        "resolve_entities": False,
+        "no_network": True,
+        "load_dtd": False,
+        "dtd_validation": False,
+        "huge_tree": False,
+        "encoding": "utf-8",
+    }
+    if events:
+        return etree.XMLPullParser(events=events, **hardened, **options)
+    return etree.XMLParser(**hardened, **options)
 
 
 @functools.cache
@@ -86,8 +94,10 @@ def validate(root: etree._Element) -> None:
     schema = _lxml_schema()
     if schema.validate(root):
         return
-    errors = list(schema.error_log)
-    if not errors:  # pragma: no cover - libxml2 always logs why
+    # One copy of the log, its first entry read: the log is as long as the input has
+    # errors, which codec's element and attribute limits keep to a few thousand.
+    errors = schema.error_log
+    if not len(errors):  # pragma: no cover - libxml2 always logs why
         raise SchemaError("invalid ARMS message")
     first = errors[0]
     more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""

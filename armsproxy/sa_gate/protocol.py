@@ -8,6 +8,7 @@ enforces size and time limits while reading, and writes one answer does both pla
 
 from __future__ import annotations
 
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +24,10 @@ from ..arms.framing import ChunkDecoder, FramingError, build_http_error
 
 MAX_HEAD_BYTES = 8192
 MAX_HEADER_LINE = 4096
+
+_FIELD_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")  # RFC 9110 §5.6.2 token
+_DIGITS = re.compile(r"[0-9]+\Z")
+_UNSAFE_IN_FIELD = re.compile(r"[\r\n\x00]")  # a bare CR or LF, or a NUL (RFC 9110 §5.5)
 
 
 @dataclass(slots=True)
@@ -93,6 +98,36 @@ class RequestRejected(Exception):
         self.status = status
         self.reason = reason
         self.extra_headers = extra_headers
+
+
+def body_length(headers: list[tuple[str, str]]) -> int | None:
+    """How the request body is framed: its Content-Length, or None for chunked (RFC 9112 §6.3).
+
+    Devices send either one ``Content-Length`` (HTTP/1.0) or ``Transfer-Encoding: chunked``
+    (HTTP/1.1), never both and never a header twice (§2.3). Anything else is refused rather
+    than guessed at, since a front end that guessed otherwise would see another body: both
+    headers, a coding other than exactly ``chunked`` (``xchunked``, ``gzip, chunked``,
+    ``chunked`` twice), a length that is not plain digits (a sign, spaces, a list), and two
+    ``Content-Length`` headers, even with the same value (RFC 9110 §8.6 allows folding them;
+    no device needs it).
+    """
+    lengths = [value for name, value in headers if name.lower() == "content-length"]
+    codings = [value for name, value in headers if name.lower() == "transfer-encoding"]
+    if lengths and codings:
+        raise RequestRejected(400, "both Content-Length and Transfer-Encoding")
+    if codings:
+        if len(codings) > 1 or codings[0].lower() != "chunked":
+            raise RequestRejected(
+                400, f"Transfer-Encoding {', '.join(codings)[:80]!r}: only 'chunked' is accepted"
+            )
+        return None
+    if not lengths:
+        raise RequestRejected(411, "POST without Content-Length or chunked body")
+    if len(lengths) > 1:
+        raise RequestRejected(400, f"{len(lengths)} Content-Length headers")
+    if not _DIGITS.match(lengths[0]):
+        raise RequestRejected(400, f"malformed Content-Length {lengths[0][:40]!r}")
+    return int(lengths[0])  # at most MAX_HEADER_LINE digits: within int()'s 4300
 
 
 class SAGateProtocol(Protocol):
@@ -191,12 +226,20 @@ class SAGateProtocol(Protocol):
         if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
             raise RequestRejected(400, f"malformed request line {lines[0][:80]!r}")
         method, target, version = parts
+        if _UNSAFE_IN_FIELD.search(lines[0]):
+            raise RequestRejected(400, "bare CR or LF, or NUL, in the request line")
         headers: list[tuple[str, str]] = []
         for line in lines[1:]:
             if len(line) > MAX_HEADER_LINE or ":" not in line:
                 raise RequestRejected(400, "malformed or oversized header line")
             name, value = line.split(":", 1)
-            headers.append((name.strip(), value.strip()))
+            # RFC 9112 §5.1/§5.2: no space before the colon, no folded lines; a proxy that
+            # read "Content-Length :" or a bare LF differently would see another body.
+            if not _FIELD_NAME.match(name):
+                raise RequestRejected(400, f"malformed header name {name[:40]!r}")
+            if _UNSAFE_IN_FIELD.search(value):
+                raise RequestRejected(400, f"bare CR or LF, or NUL, in header {name[:40]!r}")
+            headers.append((name, value.strip()))
         self._head = (method, target, version, headers)
         limits = self.factory.limits
         path = target.split("?", 1)[0]
@@ -207,30 +250,24 @@ class SAGateProtocol(Protocol):
             raise RequestRejected(404, f"unknown path {path[:80]!r}")
         if method != "POST":
             raise RequestRejected(405, f"method {method[:16]!r} not allowed", (("Allow", "POST"),))
-        lookup = {k.lower(): v for k, v in headers}
-        if "chunked" in lookup.get("transfer-encoding", "").lower():
+        length = body_length(headers)
+        if length is None:
             self._chunks = ChunkDecoder(max_chunk_size=limits.max_body)
-        elif "content-length" in lookup:
-            try:
-                length = int(lookup["content-length"])
-            except ValueError:
-                raise RequestRejected(400, "malformed Content-Length") from None
-            if length < 0:
-                raise RequestRejected(400, "negative Content-Length")
-            if length > limits.max_body:
-                # Refused from the header alone: the body is never read.
-                raise RequestRejected(
-                    413, f"body of {length} bytes over the {limits.max_body} limit"
-                )
-            self._content_length = length
+        elif length > limits.max_body:
+            # Refused from the header alone: the body is never read.
+            raise RequestRejected(413, f"body of {length} bytes over the {limits.max_body} limit")
         else:
-            raise RequestRejected(411, "POST without Content-Length or chunked body")
+            self._content_length = length
 
     def _open_tunnel(self, method: str, path: str, headers: list[tuple[str, str]]) -> None:
         """Hand the connection to the https-tunnel: its body never ends (§9.1)."""
-        chunked = any(k.lower() == "transfer-encoding" and "chunked" in v.lower()
-                      for k, v in headers)
-        if method != "POST" or not chunked:
+        if method != "POST":
+            raise RequestRejected(400, "a tunnel is opened with a chunked POST")
+        try:
+            chunked = body_length(headers) is None
+        except RequestRejected as e:  # a 411 or 413 here is as much a bad tunnel open
+            raise RequestRejected(400, f"tunnel open: {e.reason}") from None
+        if not chunked:
             raise RequestRejected(400, "a tunnel is opened with a chunked POST")
         assert self.factory.tunnel_opener is not None
         self._cancel_deadline()  # the session keeps its own timers from here on

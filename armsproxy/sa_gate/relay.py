@@ -159,7 +159,7 @@ class PullRelay:
         if not known:
             return self._unauthorized(request, f"unknown distribution id or wrong key for {distid}")
         try:
-            message = parse_message(request.body, max_bytes=self.max_body)
+            message = parse_message(request.body, max_bytes=self.max_body, ascii_text=True)
         except MessageError as e:
             self.stats[f"rejected.{e.reason}"] += 1
             self.log.warn("SA gate: 400 to {distid} at {peer}: {e}",

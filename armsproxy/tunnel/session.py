@@ -429,13 +429,14 @@ class TunnelSession:
         malformed XML raises MessageError."""
         limit = self.limits.max_message_size
         try:
-            return parse_message(body, max_bytes=limit), None
+            return parse_message(body, max_bytes=limit, ascii_text=True), None
         except MessageError as e:
             if e.reason not in ("schema", "invalid-value"):
                 raise
             problem = str(e)
         try:
-            return parse_message(body, validate=False, max_bytes=limit), problem
+            return parse_message(body, validate=False, max_bytes=limit,
+                                 ascii_text=True), problem
         except MessageError as e:
             if e.reason != "invalid-value":
                 raise
