@@ -18,10 +18,13 @@ from twisted.python.failure import Failure
 from twisted.web import server
 from twisted.web.resource import Resource
 
+from .limits import DeadlineSite
+
 log = Logger()
 
 CONTENT_TYPE_METRICS = b"text/plain; version=0.0.4; charset=utf-8"  # Prometheus text format
 STORE_TIMEOUT = 5.0
+REQUEST_TIMEOUT = 10.0  # connection start (or previous answer) to answer; > STORE_TIMEOUT
 # Series that exist from the start, so that a monitor's rate() sees their first event.
 _PULL_TYPES = ("config-solicitation", "push-method-query", "push-confirmation-start")
 _COMMON_REFUSALS = ("unauthorized", "distid_mismatch", "http_400", "http_413")
@@ -42,12 +45,14 @@ class ManagementResource(Resource):
         sa_gate_counts: Mapping[str, int],
         tunnel_counts: Callable[[], Mapping[str, int]],
         clock: IReactorTime,
+        tls_failures: Callable[[], Mapping[tuple[str, str], int]] | None = None,
         store_timeout: float = STORE_TIMEOUT,
     ) -> None:
         super().__init__()
         self._store = store
         self._sa_gate_counts = sa_gate_counts
         self._tunnel_counts = tunnel_counts
+        self._tls_failures = tls_failures
         self._clock = clock
         self._store_timeout = store_timeout
         self._started_at = clock.seconds()
@@ -111,6 +116,7 @@ class ManagementResource(Resource):
         body = render_metrics(
             started_at=self._started_at, sa_gate=self._sa_gate_counts,
             tunnels=self._tunnel_counts(), backlog=backlog,
+            tls_failures=self._tls_failures() if self._tls_failures is not None else None,
         )
         _finish(request, 200, body, CONTENT_TYPE_METRICS)
 
@@ -125,8 +131,12 @@ def render_metrics(
     sa_gate: Mapping[str, int],
     tunnels: Mapping[str, int],
     backlog: Mapping[str, int] | None,
+    tls_failures: Mapping[tuple[str, str], int] | None = None,
 ) -> bytes:
-    """Prometheus text exposition (format 0.0.4) of what armsproxy knows about itself."""
+    """Prometheus text exposition (format 0.0.4) of what armsproxy knows about itself.
+
+    ``tls_failures``: failed TLS handshakes with devices by (direction, reason), every series
+    present (armsproxy.tls.HandshakeFailures.counts); None leaves the family out."""
     lines: list[str] = []
 
     def metric(name: str, kind: str, help_: str, samples: list[tuple[str, float]]) -> None:
@@ -163,6 +173,15 @@ def render_metrics(
            [(_label("state", k), tunnels.get(k, 0)) for k in ("open", "registered", "live")])
     metric("tunnel_sas", "gauge", "SAs holding at least one registered https-tunnel.",
            [("", tunnels.get("distids", 0))])
+    if tls_failures is not None:
+        def pair(direction: str, reason: str) -> str:
+            return f"{_label('direction', direction)[:-1]},{_label('reason', reason)[1:]}"
+
+        metric("tls_handshake_failures_total", "counter",
+               "Failed TLS handshakes with devices since start, by direction (sa_gate: a "
+               "device connecting to the SA gate or tunnel listener; push: armsproxy "
+               "connecting to a device's https-simple listener) and reason.",
+               [(pair(d, r), n) for (d, r), n in sorted(tls_failures.items())])
     metric("store_up", "gauge", "1 if the store answered this scrape in time, else 0.",
            [("", 0 if backlog is None else 1)])
     if backlog is not None:
@@ -203,11 +222,17 @@ def _finish(request: server.Request, code: int, body: bytes,
     request.finish()
 
 
-class ManagementSite(server.Site):
-    """No access-log line per scrape: a monitor polling every few seconds would drown the log."""
+class ManagementSite(DeadlineSite):
+    """No access-log line per scrape: a monitor polling every few seconds would drown the log.
 
-    def __init__(self, resource: ManagementResource, reactor: Any = None) -> None:
-        super().__init__(resource, reactor=reactor)
+    Each request must be answered within ``request_timeout`` (armsproxy.limits): a client that
+    trickles its bytes cannot hold a connection, and with it a descriptor devices need.
+    """
+
+    def __init__(self, resource: ManagementResource, reactor: Any = None, *,
+                 request_timeout: float = REQUEST_TIMEOUT) -> None:
+        super().__init__(resource, request_timeout=request_timeout, listener_name="management",
+                         reactor=reactor)
         self.noisy = False
         self.displayTracebacks = False
 

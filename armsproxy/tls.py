@@ -1,26 +1,38 @@
-"""TLS for the SA gate: endpoint strings in, a listening TLS factory out.
+"""TLS with devices: endpoint strings in, a listening TLS factory out; the one TLS policy.
 
 Operators write listeners as Twisted endpoint strings (``ssl:443:privateKey=...``). Twisted's
 own ``ssl:`` parser cannot express a TLS version policy, and real libarms devices speak only
 TLS 1.0 (§2.1), which OpenSSL 3 refuses unless the security level is lowered. So we read the
 ``ssl:`` string ourselves, build ``CertificateOptions`` with the configured policy, and wrap a
 plain ``tcp:`` (or ``unix:``) endpoint with ``TLSMemoryBIOFactory``.
+
+The same :class:`TLSPolicy` governs both directions (§1 rule 1: a device's https-simple
+listener speaks TLS 1.0 too): the SA gate and tunnel listener, and the push client's context.
+:class:`HandshakeFailures` counts and logs the handshakes with devices that fail, both ways.
 """
 
 from __future__ import annotations
 
 import os
 import re
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from OpenSSL import crypto
+from OpenSSL import SSL, crypto
 from twisted.internet import ssl
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IProtocolFactory,
+    IReactorTime,
+    IStreamServerEndpoint,
+)
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 log = Logger()
@@ -30,6 +42,14 @@ TLS_VERSIONS = {
     "1.1": ssl.TLSVersion.TLSv1_1,
     "1.2": ssl.TLSVersion.TLSv1_2,
     "1.3": ssl.TLSVersion.TLSv1_3,
+}
+
+# The same versions as OpenSSL protocol numbers (SSL.Context.set_min_proto_version).
+OPENSSL_VERSIONS = {
+    "1.0": SSL.TLS1_VERSION,
+    "1.1": SSL.TLS1_1_VERSION,
+    "1.2": SSL.TLS1_2_VERSION,
+    "1.3": SSL.TLS1_3_VERSION,
 }
 
 # OpenSSL 3 disables TLS < 1.2 at security level 1 and above; old devices also need old suites.
@@ -42,8 +62,46 @@ class ListenerConfigError(ValueError):
 
 @dataclass(slots=True)
 class TLSPolicy:
+    """The TLS policy with devices, in both directions: the SA gate and tunnel listener (the
+    device connects) and the push client (armsproxy connects to the device's https-simple
+    listener). One setting, ``[sa_gate] tls_minimum_version``, because a libarms device speaks
+    the same TLS 1.0 either way (§2.1)."""
+
     minimum_version: str = "1.2"
     client_ca_pem: bytes | None = None  # ask SAs for their certificate (never required, §2.1)
+    _warned: bool = field(default=False, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.minimum_version not in TLS_VERSIONS:
+            raise ListenerConfigError(
+                f"tls_minimum_version {self.minimum_version!r}: use one of "
+                f"{sorted(TLS_VERSIONS)}"
+            )
+
+    @property
+    def legacy(self) -> bool:
+        """Below TLS 1.2: OpenSSL needs its security level lowered (``@SECLEVEL=0``)."""
+        return TLS_VERSIONS[self.minimum_version] < ssl.TLSVersion.TLSv1_2
+
+    def apply(self, context: SSL.Context) -> None:
+        """Put the minimum version (and the security level it needs) on an OpenSSL context,
+        a listener's or the push client's: the one place the policy becomes OpenSSL settings."""
+        context.set_min_proto_version(OPENSSL_VERSIONS[self.minimum_version])
+        if self.legacy:
+            context.set_cipher_list(LEGACY_CIPHERS)
+
+    def warn_if_legacy(self) -> None:
+        """The startup warning for the TLS < 1.2 opt-in, once per policy however many
+        listeners and clients use it."""
+        if not self.legacy or self._warned:
+            return
+        self._warned = True
+        log.warn(
+            "SA gate accepts TLS {v} and the push client offers it to devices (tls_minimum_"
+            "version, an opt-in for real libarms devices, which speak only TLS 1.0): weaker "
+            "protocol versions and ciphers (OpenSSL security level 0) are enabled with devices "
+            "in both directions", v=self.minimum_version,
+        )
 
 
 @dataclass(slots=True)
@@ -139,10 +197,6 @@ def load_pem_chain(pem: bytes) -> list[crypto.X509]:
 def certificate_options(
     cert_pem: bytes, key_pem: bytes, chain_pem: bytes | None, policy: TLSPolicy
 ) -> ssl.CertificateOptions:
-    if policy.minimum_version not in TLS_VERSIONS:
-        raise ListenerConfigError(
-            f"tls_minimum_version {policy.minimum_version!r}: use one of {sorted(TLS_VERSIONS)}"
-        )
     try:
         certificate = crypto.load_certificate(crypto.FILETYPE_PEM, cert_pem)
         private_key = crypto.load_privatekey(crypto.FILETYPE_PEM, key_pem)
@@ -151,8 +205,7 @@ def certificate_options(
         raise ListenerConfigError(f"unusable certificate or key: {e}") from None
     kwargs: dict[str, object] = {}
     minimum = TLS_VERSIONS[policy.minimum_version]
-    legacy = minimum < ssl.TLSVersion.TLSv1_2
-    if legacy:
+    if policy.legacy:
         kwargs["insecurelyLowerMinimumTo"] = minimum
     else:
         kwargs["raiseMinimumTo"] = minimum
@@ -164,10 +217,45 @@ def certificate_options(
     options = ssl.CertificateOptions(
         privateKey=private_key, certificate=certificate, extraCertChain=chain, **kwargs
     )
-    context = options.getContext()  # created once and cached by CertificateOptions
-    if legacy:
-        context.set_cipher_list(LEGACY_CIPHERS)
+    policy.apply(options.getContext())  # the context is created once and cached
     return options
+
+
+class DeviceTLSProtocol(TLSMemoryBIOProtocol):
+    """Twisted's TLS protocol, reporting a handshake that fails to the factory's
+    :class:`HandshakeFailures` (an OpenSSL error ends it silently otherwise).
+
+    A connection that closes before sending a byte (a port probe, a load balancer's check) is
+    no handshake and is not reported. Reads Twisted's documented ``_handshakeDone`` and the
+    ``_reason`` it keeps for the TLS error that ended the connection.
+    """
+
+    _heard = False  # a class default: an instance attribute only once bytes came in
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self._handshakeDone:
+            self._heard = True
+        super().dataReceived(data)
+
+    def connectionLost(self, reason: Failure) -> None:
+        failures = getattr(self.factory, "handshake_failures", None)
+        if failures is not None and not self._handshakeDone and self._heard:
+            why = self._reason or reason
+            if why is not None and why.check(SSL.Error):
+                text = ssl_error_text(why.value)
+                kind = ssl_failure_reason(text)
+            else:
+                text = "the connection ended before the handshake completed"
+                kind = "closed"
+            failures.record("sa_gate", _peer_host(self.transport), kind, text)
+        super().connectionLost(reason)
+
+
+def _peer_host(transport: Any) -> str:
+    try:
+        return str(getattr(transport.getPeer(), "host", None) or "unknown peer")
+    except Exception:
+        return "unknown peer"
 
 
 class RecordPerWriteTLSFactory(TLSMemoryBIOFactory):
@@ -175,10 +263,16 @@ class RecordPerWriteTLSFactory(TLSMemoryBIOFactory):
 
     Twisted's default TLS transport merges the writes of one reactor turn into one record.
     For the SA gate that would let a tunnel chunk header straddle the SA's 8191-byte reads,
-    which makes libarms lose sync (§9.5); answers are single writes anyway.
+    which makes libarms lose sync (§9.5); answers are single writes anyway. Failed handshakes
+    go to ``handshake_failures`` if given.
     """
 
-    protocol = TLSMemoryBIOProtocol
+    protocol = DeviceTLSProtocol
+
+    def __init__(self, contextFactory: Any, isClient: bool, wrappedFactory: IProtocolFactory,
+                 handshake_failures: HandshakeFailures | None = None) -> None:
+        super().__init__(contextFactory, isClient, wrappedFactory)
+        self.handshake_failures = handshake_failures
 
 
 @implementer(IStreamServerEndpoint)
@@ -186,12 +280,15 @@ class RecordPerWriteTLSFactory(TLSMemoryBIOFactory):
 class TLSListener:
     endpoint: IStreamServerEndpoint
     options: ssl.CertificateOptions
+    handshake_failures: HandshakeFailures | None = None  # devices' failed handshakes go here
 
     def listen(self, factory: IProtocolFactory) -> Deferred[IListeningPort]:
-        return self.endpoint.listen(RecordPerWriteTLSFactory(self.options, False, factory))
+        return self.endpoint.listen(RecordPerWriteTLSFactory(
+            self.options, False, factory, self.handshake_failures))
 
 
-def tls_listener(reactor: object, description: str, policy: TLSPolicy) -> TLSListener:
+def tls_listener(reactor: object, description: str, policy: TLSPolicy,
+                 handshake_failures: HandshakeFailures | None = None) -> TLSListener:
     """``ssl:PORT:privateKey=K:certKey=C[:extraCertChain=X][:interface=I][:backlog=N]``."""
     spec = split_endpoint(description)
     if spec.kind != "ssl":
@@ -218,10 +315,148 @@ def tls_listener(reactor: object, description: str, policy: TLSPolicy) -> TLSLis
     )
     tcp = ":".join(["tcp", port] + [f"{k}={_quote(v)}" for k, v in spec.kwargs.items()])
     endpoint = server_endpoint(reactor, tcp, "SA gate listener", description)
-    if TLS_VERSIONS[policy.minimum_version] < ssl.TLSVersion.TLSv1_2:
+    policy.warn_if_legacy()
+    return TLSListener(endpoint=endpoint, options=options, handshake_failures=handshake_failures)
+
+
+# --------------------------------------------------------------------------------------------
+# Failed handshakes with devices
+# --------------------------------------------------------------------------------------------
+
+# Reasons by direction: a fixed set, so /metrics cannot grow with what peers send. sa_gate: a
+# device connecting to the SA gate or tunnel listener; push: armsproxy connecting to a device.
+_COMMON_REASONS = ("protocol_version", "no_shared_cipher", "unknown_ca",
+                   "certificate_verify_failed", "bad_certificate", "not_tls", "closed")
+HANDSHAKE_FAILURE_REASONS: dict[str, tuple[str, ...]] = {
+    "sa_gate": (*_COMMON_REASONS, "other"),
+    "push": (*_COMMON_REASONS, "pin_mismatch", "ip_mismatch", "no_certificate", "timeout",
+             "other"),
+}
+
+# OpenSSL reason strings (lower case, first match wins) -> reason label.
+_SSL_REASONS = (
+    ("protocol version", "protocol_version"),  # the peer's alert
+    ("unsupported protocol", "protocol_version"),  # ours
+    ("wrong ssl version", "protocol_version"),
+    ("no protocols available", "protocol_version"),
+    ("unknown ca", "unknown_ca"),
+    ("certificate verify failed", "certificate_verify_failed"),
+    ("no shared cipher", "no_shared_cipher"),
+    ("no ciphers available", "no_shared_cipher"),
+    ("handshake failure", "no_shared_cipher"),  # the peer's generic alert, mostly that
+    ("insufficient security", "no_shared_cipher"),
+    ("bad certificate", "bad_certificate"),
+    ("certificate unknown", "bad_certificate"),
+    ("unsupported certificate", "bad_certificate"),
+    ("certificate expired", "bad_certificate"),
+    ("certificate revoked", "bad_certificate"),
+    ("peer did not return a certificate", "bad_certificate"),
+    ("http request", "not_tls"),
+    ("https proxy request", "not_tls"),
+    ("wrong version number", "not_tls"),
+    ("packet length too long", "not_tls"),
+    ("unknown protocol", "not_tls"),
+    ("unexpected eof", "closed"),
+)
+
+_HINTS = {
+    "protocol_version": "no TLS version in common (upstream libarms speaks only TLS 1.0, "
+                        "allowed by [sa_gate] tls_minimum_version = 1.0)",
+    "no_shared_cipher": "no cipher suite in common",
+    ("sa_gate", "unknown_ca"): "the device does not trust the SA gate's certificate (it must "
+                               "chain to the rs-certificate CA)",
+    ("push", "unknown_ca"): "the device refused armsproxy's client certificate ([push] "
+                            "client_certificate must chain to the rs-certificate CA)",
+    ("sa_gate", "certificate_verify_failed"): "the device's certificate does not chain to "
+                                              "[sa_gate] client_ca",
+    ("push", "certificate_verify_failed"): "the device's certificate does not chain to "
+                                           "[push] sa_ca",
+    "pin_mismatch": "the device presented another certificate than the RS issued to it",
+}
+
+
+def ssl_error_text(exc: BaseException) -> str:
+    """OpenSSL's reason strings of an ``SSL.Error`` (``'tlsv1 alert protocol version'``)."""
+    args = getattr(exc, "args", ())
+    if args and isinstance(args[0], list):
+        reasons = [str(item[-1]) for item in args[0] if isinstance(item, tuple) and item]
+        if reasons:
+            return ", ".join(reasons)
+    return str(exc) or type(exc).__name__
+
+
+def ssl_failure_reason(text: str) -> str:
+    """The reason label of an OpenSSL handshake error text; ``other`` if none fits."""
+    lowered = text.lower()
+    return next((label for needle, label in _SSL_REASONS if needle in lowered), "other")
+
+
+class HandshakeFailures:
+    """Failed TLS handshakes with devices, both directions, since start.
+
+    Each is counted by direction and reason (``counts()``, every known series present at 0) and
+    logged once per peer and reason every ``relog_after`` seconds: a device retrying every few
+    seconds makes one line, not thousands. The memory of logged peers is an LRU of
+    ``max_peers`` entries, and at most ``max_lines`` new lines are written a minute (the rest
+    counted, and summed up in one line), so a flood from many addresses grows neither memory
+    nor the log.
+    """
+
+    def __init__(self, clock: IReactorTime, *, max_peers: int = 4096,
+                 relog_after: float = 3600.0, max_lines: int = 60) -> None:
+        self._clock = clock
+        self._max_peers = max_peers
+        self._relog_after = relog_after
+        self._max_lines = max_lines
+        self._counts = {(direction, reason): 0
+                        for direction, reasons in HANDSHAKE_FAILURE_REASONS.items()
+                        for reason in reasons}
+        self._logged: OrderedDict[tuple[str, str, str], float] = OrderedDict()
+        self._window_start: float | None = None
+        self._window_lines = 0
+        self._suppressed = 0
+
+    def counts(self) -> dict[tuple[str, str], int]:
+        """(direction, reason) -> failures since start."""
+        return dict(self._counts)
+
+    def record(self, direction: str, peer: str, reason: str, detail: str,
+               what: str = "") -> bool:
+        """Count one failed handshake with ``peer`` (its IP address); log it unless this
+        peer's failure for the same reason was logged lately. True if it was logged."""
+        if reason not in HANDSHAKE_FAILURE_REASONS[direction]:
+            reason = "other"
+        self._counts[(direction, reason)] += 1
+        now = self._clock.seconds()
+        key = (direction, peer, reason)
+        last = self._logged.get(key)
+        if last is not None and now - last < self._relog_after:
+            return False
+        if not self._may_log(now):
+            return False
+        self._logged[key] = now
+        self._logged.move_to_end(key)
+        while len(self._logged) > self._max_peers:
+            self._logged.popitem(last=False)
+        hint = _HINTS.get((direction, reason)) or _HINTS.get(reason)
         log.warn(
-            "SA gate accepts TLS {v} (opt-in for real libarms devices, which speak only "
-            "TLS 1.0): weaker protocol versions and ciphers are enabled on {d}",
-            v=policy.minimum_version, d=tcp,
+            "TLS handshake {way} device {peer} failed{what}: {detail} [{reason}]{hint}; the "
+            "same failure of this peer is only counted (armsproxy_tls_handshake_failures_"
+            "total) for the next {minutes:g} min",
+            way="with" if direction == "sa_gate" else "of a push to", peer=peer,
+            what=f" ({what})" if what else "", detail=detail, reason=reason,
+            hint=f": {hint}" if hint else "", minutes=self._relog_after / 60,
         )
-    return TLSListener(endpoint=endpoint, options=options)
+        return True
+
+    def _may_log(self, now: float) -> bool:
+        if self._window_start is None or now - self._window_start >= 60:
+            if self._suppressed:
+                log.warn("{n} more failed TLS handshakes with devices not logged in the last "
+                         "minute (too many peers; all counted in /metrics)", n=self._suppressed)
+            self._window_start, self._window_lines, self._suppressed = now, 0, 0
+        if self._window_lines >= self._max_lines:
+            self._suppressed += 1
+            return False
+        self._window_lines += 1
+        return True

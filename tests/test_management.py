@@ -15,7 +15,8 @@ from twisted.python import usage
 from armsproxy.config import embedded
 from armsproxy.management import ManagementResource, ManagementSite, render_metrics
 from armsproxy.tap import build_services
-from armsproxy.tools.sasim import SimulatedSA
+from armsproxy.tls import HandshakeFailures
+from armsproxy.tools.sasim import UPSTREAM_TLS_VERSION, SimulatedSA
 
 DISTID = "0001-0002-0003-0004-0005-0006-0007-0008"
 
@@ -56,6 +57,22 @@ def test_metrics_are_prometheus_text_with_escaped_labels():
         assert line.startswith("# ") or re.fullmatch(r"armsproxy_\w+(\{.*\})? \S+", line), line
 
 
+def test_failed_tls_handshakes_are_one_family_with_two_labels():
+    failures = HandshakeFailures(task.Clock())
+    failures.record("push", "192.0.2.7", "pin_mismatch", "x")
+    text = render_metrics(started_at=0, sa_gate={}, tunnels={}, backlog=None,
+                          tls_failures=failures.counts()).decode()
+    assert "# TYPE armsproxy_tls_handshake_failures_total counter" in text
+    assert ('armsproxy_tls_handshake_failures_total{direction="push",reason="pin_mismatch"} 1'
+            in text)
+    for direction in ("sa_gate", "push"):  # the common reasons exist from the start
+        for reason in ("protocol_version", "unknown_ca", "not_tls", "other"):
+            assert (f'armsproxy_tls_handshake_failures_total{{direction="{direction}",'
+                    f'reason="{reason}"}} 0') in text
+    assert "tls_handshake" not in render_metrics(started_at=0, sa_gate={}, tunnels={},
+                                                 backlog=None).decode()
+
+
 def test_metrics_without_the_store_keep_the_in_memory_figures():
     text = render_metrics(started_at=0, sa_gate={"rs.unavailable": 2}, tunnels={"live": 0},
                           backlog=None).decode()
@@ -91,6 +108,20 @@ async def test_embedded_default_serves_health_readiness_and_metrics(tmp_path):
         assert (await sa.config_solicitation(cfg.public_urls[0])).status == 401
         metrics = await http_get(management_port, "/metrics")
         assert 'armsproxy_sa_gate_refusals_total{reason="unauthorized"} 1' in metrics.body
+        # A TLS-1.0-only device at the default (TLS 1.2) gate: its failed handshake shows.
+        failed = 'armsproxy_tls_handshake_failures_total{direction="sa_gate",' \
+                 'reason="protocol_version"} '
+        assert failed + "0" in metrics.body
+        old = SimulatedSA(reactor, DISTID, "no-such-key",
+                          ca_pem=(cfg.data_dir / "pki" / "ca.pem").read_bytes(),
+                          tls_max_version=UPSTREAM_TLS_VERSION)
+        assert "TLS handshake failed" in (await old.config_solicitation(cfg.public_urls[0])).error
+        for _ in range(100):
+            metrics = await http_get(management_port, "/metrics")
+            if failed + "1" in metrics.body:
+                break
+            await task.deferLater(reactor, 0.05, lambda: None)
+        assert failed + "1" in metrics.body
         assert (await http_get(management_port, "/other")).status == 404
         assert (await http_get(management_port, "/metrics", "POST")).status == 405
         head = await http_get(management_port, "/healthz", "HEAD")

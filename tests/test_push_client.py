@@ -39,6 +39,7 @@ from armsproxy.push import (
     PushUnreachable,
     SAPushClient,
 )
+from armsproxy.tls import HandshakeFailures
 
 VECTORS = Path(__file__).parent / "vectors"
 # The harness device of the captures (base64 of the captured Authorization header).
@@ -613,6 +614,7 @@ async def test_tls_never_completing_times_out(pki):
         clock.advance(0.1)
         error = await expect(PushTimeout, result)
         assert error.retryable and "handshake" in error.reason
+        assert error.tls_failure == "timeout"  # a failed handshake, counted as such
         await conns[0].closed  # the connection was dropped
     finally:
         await listening.stopListening()
@@ -709,6 +711,46 @@ async def test_non_tls_listener_is_a_tls_error(pki):
         assert "during the TLS handshake" in error.reason
     finally:
         await listening.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_failed_handshakes_are_counted_by_reason(pki, sa):
+    failures = HandshakeFailures(task.Clock())
+    c = client(pki, handshake_failures=failures)
+    foreign_cert = client(pki, handshake_failures=failures,
+                          client_cert_pem=pki.foreign_client.private_key_and_cert_chain_pem
+                          .bytes())
+    conns: list[RawConnection] = []
+
+    class ClosingRaw(RawConnection):
+        def dataReceived(self, data: bytes) -> None:
+            self.transport.loseConnection()
+
+    raw = reactor.listenTCP(0, Factory.forProtocol(lambda: ClosingRaw(conns)),
+                            interface="127.0.0.1")
+    cases = [
+        (c, sa.listen(pki.sa_rsa, tls_version=ssl.TLSVersion.TLSv1_0), pki.sa_rsa,
+         "protocol_version"),
+        (c, sa.listen(pki.sa_other), pki.sa, "pin_mismatch"),
+        (c, sa.listen(pki.foreign_sa), pki.foreign_sa, "certificate_verify_failed"),
+        (c, sa.listen(pki.sa_wrong_ip), pki.sa_wrong_ip, "ip_mismatch"),
+        (foreign_cert, sa.listen(pki.sa, client_ca=pki.rs_ca), pki.sa, "unknown_ca"),
+        (c, raw.getHost().port, pki.sa, "closed"),
+    ]
+    try:
+        for pusher, port, pin, reason in cases:
+            error = await expect(PushTLSError, push(pusher, port, pin))
+            assert error.tls_failure == reason, (reason, error.reason)
+    finally:
+        await raw.stopListening()
+    assert {r: n for (d, r), n in failures.counts().items() if n} == {
+        reason: 1 for *_, reason in cases}
+    assert all(d == "push" for (d, _), n in failures.counts().items() if n)
+    # Not a handshake: an unreadable pin fails before any connection.
+    with pytest.raises(PushTLSError) as info:
+        await c.push("https://127.0.0.1:9/", distribution_id=DISTID, key=KEY, body=CHECK_BODY,
+                     pinned_certificate_pem="not a certificate")
+    assert info.value.tls_failure is None
 
 
 def test_tls_versions_are_checked():

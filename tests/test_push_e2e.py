@@ -8,6 +8,7 @@ import socket
 import xmlrpc.client
 from pathlib import Path
 
+import pytest
 import pytest_twisted
 from lxml import etree
 from twisted.internet import reactor, task, threads
@@ -16,7 +17,7 @@ from armsproxy.config import embedded
 from armsproxy.demo_rs import cli as demo_cli
 from armsproxy.tap import build_services
 from armsproxy.tools.sadevice import DeviceBehaviour, DeviceModule, SimulatedDevice
-from armsproxy.tools.sasim import SimulatedSA
+from armsproxy.tools.sasim import UPSTREAM_TLS_VERSION, SimulatedSA
 
 DISTID = "0001-0002-0003-0004-0005-0006-0007-0008"
 KEY = "harness-rs-key"
@@ -56,9 +57,10 @@ class RS:
         return await threads.deferToThread(run)
 
 
-async def start_proxy(tmp_path: Path):
+async def start_proxy(tmp_path: Path, tls_minimum_version: str = "1.2"):
     port, rs_port, gate_port = free_port(), free_port(), free_port()
-    cfg = embedded(tmp_path / "data", port=port, rs_port=rs_port, rs_gate_port=gate_port)
+    cfg = embedded(tmp_path / "data", port=port, rs_port=rs_port, rs_gate_port=gate_port,
+                   tls_minimum_version=tls_minimum_version)
     top = build_services(cfg, reactor)
     top.startService()
     url = f"https://127.0.0.1:{port}/arms"
@@ -72,10 +74,12 @@ async def start_proxy(tmp_path: Path):
     return top, cfg, url, RS(gate_port)
 
 
-async def pulled_device(cfg, url: str, behaviour: DeviceBehaviour | None = None):
-    """A device that has pulled (learning its certificate) and negotiated https-simple."""
+async def pulled_device(cfg, url: str, behaviour: DeviceBehaviour | None = None,
+                        tls_max_version: int | None = None):
+    """A device that has pulled (learning its certificate) and negotiated https-simple;
+    ``tls_max_version`` caps its TLS both ways (as client and as push listener)."""
     ca = (cfg.data_dir / "pki" / "ca.pem").read_bytes()
-    sa = SimulatedSA(reactor, DISTID, KEY, ca_pem=ca)
+    sa = SimulatedSA(reactor, DISTID, KEY, ca_pem=ca, tls_max_version=tls_max_version)
     pull = await sa.config_solicitation(url)
     assert pull.verdict.outcome == "success", pull.verdict.describe()
     root = etree.fromstring(pull.body_xml)
@@ -83,11 +87,13 @@ async def pulled_device(cfg, url: str, behaviour: DeviceBehaviour | None = None)
     key = root.findtext(".//sa-private-key").encode()
     query = await sa.push_method_query(url)
     assert query.verdict.push_methods == ["https-simple"]
+    if tls_max_version == UPSTREAM_TLS_VERSION:
+        assert pull.tls_version == query.tls_version == "TLSv1"
     device = SimulatedDevice(
         reactor, DISTID, KEY, ca_pem=ca, sa_cert_pem=cert, sa_key_pem=key,
         behaviour=behaviour, rs_pull_server_urls=[url],
         modules=[DeviceModule(1, "1.0.0", "harness-module")],
-        configs={1: "hostname harness-sa\n"},
+        configs={1: "hostname harness-sa\n"}, tls_max_version=tls_max_version,
     )
     await device.listen()
     exchanges = await device.confirm()
@@ -113,12 +119,20 @@ ORDERS = [
 ]
 
 
+# A modern device, and one like upstream libarms and the devices in the field: TLS 1.0 only,
+# as client and as push listener (§1 rule 1), which armsproxy lets in by tls_minimum_version.
+DEVICE_TLS = [pytest.param(("1.2", None, None), id="modern-device"),
+              pytest.param(("1.0", UPSTREAM_TLS_VERSION, "TLSv1"), id="tls-1.0-device")]
+
+
+@pytest.mark.parametrize("tls", DEVICE_TLS)
 @pytest_twisted.ensureDeferred
-async def test_every_operation_end_to_end(tmp_path):
-    top, cfg, url, rs = await start_proxy(tmp_path)
+async def test_every_operation_end_to_end(tmp_path, tls):
+    minimum, device_max, negotiated = tls
+    top, cfg, url, rs = await start_proxy(tmp_path, minimum)
     device = None
     try:
-        device = await pulled_device(cfg, url)
+        device = await pulled_device(cfg, url, tls_max_version=device_max)
         status = await rs.call("sa.status", DISTID)
         assert status["confirmed"] is True
         assert status["push_endpoint"] == device.push_endpoint
@@ -174,6 +188,15 @@ async def test_every_operation_end_to_end(tmp_path):
                 e["event"]["kind"] == "sa.confirmed" for e in events)
 
         await until(events_delivered, timeout=30, what="events at the RS")
+        # Every connection, both ways, ran the device's TLS; none failed its handshake.
+        if negotiated is not None:
+            assert {r.tls_version for r in device.received} == {negotiated}
+            exchanges = [*device.confirmation_starts, *(d.exchange for d in device.dones)]
+            assert {e.tls_version for e in exchanges if e is not None} == {negotiated}
+        assert not any(top.handshake_failures.counts().values())
+        # Every done came over https-simple and is counted like the pulls.
+        done_types = {f"request.{d.kind}" for d in device.dones}
+        assert done_types and all(top.relay.stats[t] >= 1 for t in done_types)
     finally:
         if device is not None:
             await device.close()

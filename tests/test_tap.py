@@ -54,7 +54,7 @@ def test_twistd_lists_the_plugin_and_its_options():
     out = subprocess.run([*TWISTD, "armsproxy", "--help"], env=_env(), capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    for option in ("--config", "--data-dir", "--port", "--rs-port"):
+    for option in ("--config", "--data-dir", "--port", "--rs-port", "--tls-minimum-version"):
         assert option in out.stdout
 
 
@@ -95,6 +95,29 @@ def test_logfile_check_accepts_files_stdout_and_no_logfile(tmp_path):
     os.mkfifo(fifo)
     with pytest.raises(usage.UsageError, match="not a regular file"):
         _options_with_parent(str(fifo)).parseOptions([])
+
+
+def test_the_embedded_default_has_a_switch_for_tls_1_0_devices(tmp_path, logs):
+    options = _options_with_parent(None)
+    options.parseOptions(["--data-dir", str(tmp_path / "modern")])
+    assert options["cfg"].tls_minimum_version == "1.2"
+    build_services(options["cfg"], reactor)  # built, not started: nothing listens
+    assert not logs.find("accepts TLS")
+    options = _options_with_parent(None)
+    options.parseOptions(["--data-dir", str(tmp_path / "data"), "--tls-minimum-version", "1.0"])
+    cfg = options["cfg"]
+    assert cfg.tls_minimum_version == "1.0"
+    cfg.tunnel_listen = cfg.sa_listen  # a second device listener under the same policy
+    build_services(cfg, reactor)
+    # One setting, one warning, for the SA gate, the tunnel listener and the push client.
+    assert len(logs.find("SA gate accepts TLS 1.0 and the push client offers it",
+                         "both directions", level="warn")) == 1
+    with pytest.raises(usage.UsageError, match="tls_minimum_version"):
+        _options_with_parent(None).parseOptions(
+            ["--data-dir", str(tmp_path / "data"), "--tls-minimum-version", "1.4"])
+    with pytest.raises(usage.UsageError, match=r"with --config set \[sa_gate\] tls_minimum"):
+        _options_with_parent(None).parseOptions(
+            ["--config", str(ROOT / "etc" / "armsproxy.conf"), "--tls-minimum-version", "1.0"])
 
 
 def _options_with_parent(logfile: str | None) -> Options:

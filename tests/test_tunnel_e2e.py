@@ -4,10 +4,13 @@ Also: the tunnel lost while an operation is in flight, and the device reconnecti
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
+import pytest
 import pytest_twisted
 from lxml import etree
 from twisted.internet import reactor
@@ -18,7 +21,16 @@ from armsproxy.tap import build_services
 from armsproxy.tools.sadevice import DeviceModule
 from armsproxy.tools.sasim import SimulatedSA
 from armsproxy.tools.satunnel import SimulatedTunnelDevice, TunnelBehaviour
-from tests.test_push_e2e import DISTID, KEY, ORDERS, RS, demo_events, free_port, until
+from tests.test_push_e2e import (
+    DEVICE_TLS,
+    DISTID,
+    KEY,
+    ORDERS,
+    RS,
+    demo_events,
+    free_port,
+    until,
+)
 
 FINAL = ("succeeded", "failed", "expired", "cancelled")
 
@@ -29,15 +41,18 @@ class TunnelRig:
     url: str  # the SA gate's (pull) URL
     rs: RS
     new_device: Callable[..., Awaitable[SimulatedTunnelDevice]]
+    top: Any  # the service tree (relay, engine, handshake_failures...)
 
 
 @asynccontextmanager
-async def tunnel_proxy(tmp_path, tunnel_port: int | None = None):
+async def tunnel_proxy(tmp_path, tunnel_port: int | None = None,
+                       tls_minimum_version: str = "1.2"):
     """The embedded default with the harness SA registered; the devices made with
     ``new_device`` are stopped, then the proxy. With ``tunnel_port``, tunnels get a listener
     of their own."""
     port, rs_port, gate_port = free_port(), free_port(), free_port()
-    cfg = embedded(tmp_path / "data", port=port, rs_port=rs_port, rs_gate_port=gate_port)
+    cfg = embedded(tmp_path / "data", port=port, rs_port=rs_port, rs_gate_port=gate_port,
+                   tls_minimum_version=tls_minimum_version)
     cfg.echo_interval = 1
     pki = cfg.data_dir / "pki"
     if tunnel_port is not None:
@@ -49,8 +64,9 @@ async def tunnel_proxy(tmp_path, tunnel_port: int | None = None):
     url = cfg.public_urls[0]
     devices: list[SimulatedTunnelDevice] = []
 
-    async def new_device(behaviour: TunnelBehaviour | None = None) -> SimulatedTunnelDevice:
-        devices.append(await tunnel_device(cfg, url, behaviour))
+    async def new_device(behaviour: TunnelBehaviour | None = None,
+                         tls_max_version: int | None = None) -> SimulatedTunnelDevice:
+        devices.append(await tunnel_device(cfg, url, behaviour, tls_max_version))
         return devices[-1]
 
     try:
@@ -60,16 +76,16 @@ async def tunnel_proxy(tmp_path, tunnel_port: int | None = None):
         assert demo_cli.main(["--db", str(cfg.demo_rs_db), "issue-cert", DISTID,
                               "--ca-cert", str(pki / "ca.pem"),
                               "--ca-key", str(pki / "ca.key")]) == 0
-        yield TunnelRig(cfg, url, RS(gate_port), new_device)
+        yield TunnelRig(cfg, url, RS(gate_port), new_device, top)
     finally:
         for device in devices:
             await device.stop()
         await top.stopService()
 
 
-async def tunnel_device(cfg, url, behaviour=None) -> SimulatedTunnelDevice:
+async def tunnel_device(cfg, url, behaviour=None, tls_max_version=None) -> SimulatedTunnelDevice:
     ca = (cfg.data_dir / "pki" / "ca.pem").read_bytes()
-    sa = SimulatedSA(reactor, DISTID, KEY, ca_pem=ca)
+    sa = SimulatedSA(reactor, DISTID, KEY, ca_pem=ca, tls_max_version=tls_max_version)
     pull = await sa.config_solicitation(url)
     assert pull.verdict.outcome == "success", pull.verdict.describe()
     root = etree.fromstring(pull.body_xml)
@@ -77,13 +93,15 @@ async def tunnel_device(cfg, url, behaviour=None) -> SimulatedTunnelDevice:
     assert query.verdict.outcome == "success", query.verdict.describe()
     assert query.verdict.push_methods == ["https-tunnel"]
     assert query.verdict.https_tunnel_urls == cfg.tunnel_urls
+    if tls_max_version is not None:
+        assert pull.tls_version == query.tls_version == "TLSv1"
     device = SimulatedTunnelDevice(
         reactor, DISTID, KEY, ca_pem=ca,
         sa_cert_pem=root.findtext(".//sa-certificate").encode(),
         sa_key_pem=root.findtext(".//sa-private-key").encode(),
         tunnel_urls=query.verdict.https_tunnel_urls, echo_interval=1.0, retry_interval=0.3,
         behaviour=behaviour, modules=[DeviceModule(1, "1.0.0", "harness-module")],
-        configs={1: "hostname harness-sa\n"},
+        configs={1: "hostname harness-sa\n"}, tls_max_version=tls_max_version,
     )
     await device.start()
     await device.ready(timeout=15)
@@ -100,10 +118,12 @@ async def wait_final(rs: RS, ids, timeout: float = 60.0) -> None:
     await until(all_final, timeout=timeout, what="operations to finish")
 
 
+@pytest.mark.parametrize("tls", DEVICE_TLS)
 @pytest_twisted.ensureDeferred
-async def test_every_operation_through_a_tunnel(tmp_path):
-    async with tunnel_proxy(tmp_path) as rig:
-        device = await rig.new_device()
+async def test_every_operation_through_a_tunnel(tmp_path, tls):
+    minimum, device_max, negotiated = tls
+    async with tunnel_proxy(tmp_path, tls_minimum_version=minimum) as rig:
+        device = await rig.new_device(tls_max_version=device_max)
         async def registered():
             status = await rig.rs.call("sa.status", DISTID)
             live = [t for t in status.get("tunnels", []) if not t.get("closed_at")]
@@ -144,6 +164,16 @@ async def test_every_operation_through_a_tunnel(tmp_path):
         assert tunnels and all(t.get("closed_at") for t in tunnels)  # none live after reboot
         assert any("zero" in t["close_reason"] or "closed by the SA" in t["close_reason"]
                    for t in tunnels), tunnels
+        # Every tunnel connection ran the device's TLS; no handshake failed.
+        connections = [c for record in device.tunnels for c in record.connections]
+        if negotiated is not None:
+            assert connections and {c.tls_version for c in connections} == {negotiated}
+        assert not any(rig.top.handshake_failures.counts().values())
+        # Dones on a tunnel are counted like those over https-simple (issue #9 point 3).
+        dones = Counter(f"request.{d.kind}" for d in device.dones)
+        # (Each kind at least once, never more often than the device sent it.)
+        assert dones and all(1 <= rig.top.relay.stats[t] <= n for t, n in dones.items()), (
+            dones, rig.top.relay.stats)
 
 
 @pytest_twisted.ensureDeferred

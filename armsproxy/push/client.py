@@ -45,7 +45,7 @@ from zope.interface import implementer
 from armsproxy.arms.framing import FramingError, SAPushResponse, parse_sa_push_response
 from armsproxy.arms.framing import build_push_request as _build_push_request
 from armsproxy.arms.urls import parse_sa_url
-from armsproxy.tls import LEGACY_CIPHERS
+from armsproxy.tls import HandshakeFailures, TLSPolicy, ssl_error_text, ssl_failure_reason
 
 __all__ = [
     "DEFAULT_MAX_ANSWER_BYTES",
@@ -62,13 +62,6 @@ __all__ = [
 log = Logger()
 
 DEFAULT_MAX_ANSWER_BYTES = 1024 * 1024
-
-_TLS_VERSIONS = {
-    "1.0": SSL.TLS1_VERSION,
-    "1.1": SSL.TLS1_1_VERSION,
-    "1.2": SSL.TLS1_2_VERSION,
-    "1.3": SSL.TLS1_3_VERSION,
-}
 
 # X509_V_ERR_* codes. Dates are ignored like libarms does (§2.1): devices often have no clock.
 _CERT_NOT_YET_VALID = 9
@@ -108,6 +101,8 @@ class PushError(Exception):
     #: Whether the request had been written when it failed: the SA may have acted on it, so
     #: an operation with side effects must not be sent again blindly.
     request_sent: bool = False
+    #: For a failed TLS handshake with the SA: its reason label (tls.HANDSHAKE_FAILURE_REASONS).
+    tls_failure: str | None = None
 
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
@@ -132,6 +127,12 @@ class PushTimeout(PushError):
     """No complete answer within the deadline (handshake or answer phase)."""
 
     retryable = True
+
+
+def _handshake_timeout(reason: str) -> PushTimeout:
+    error = PushTimeout(reason)
+    error.tls_failure = "timeout"
+    return error
 
 
 class PushNoAnswer(PushError):
@@ -188,13 +189,10 @@ def _describe_cert(cert: crypto.X509) -> str:
         return "unreadable subject"
 
 
-def _ssl_error_text(exc: BaseException) -> str:
-    args = getattr(exc, "args", ())
-    if args and isinstance(args[0], list):
-        reasons = [str(item[-1]) for item in args[0] if isinstance(item, tuple) and item]
-        if reasons:
-            return ", ".join(reasons)
-    return str(exc) or type(exc).__name__
+def _tls_error(reason: str, kind: str) -> PushTLSError:
+    error = PushTLSError(reason)
+    error.tls_failure = kind
+    return error
 
 
 class _Verification:
@@ -207,6 +205,7 @@ class _Verification:
     def __init__(self, pin: bytes | None) -> None:
         self.pin = pin
         self.failure: str | None = None
+        self.failure_kind = "certificate_verify_failed"
         self.connection: SSL.Connection | None = None
 
     def verify(
@@ -229,6 +228,7 @@ class _Verification:
             presented = crypto.dump_certificate(crypto.FILETYPE_ASN1, cert)
             if presented != self.pin:
                 if self.failure is None:
+                    self.failure_kind = "pin_mismatch"
                     self.failure = (
                         "SA certificate pin mismatch: presented sha256 "
                         f"{hashlib.sha256(presented).hexdigest()}, RS issued sha256 "
@@ -369,7 +369,7 @@ class _Exchange:
         if self._phase == "connecting":
             self._fail(PushUnreachable(f"TCP connect timed out after {seconds:g} s"))
         elif self._phase == "handshake":
-            self._fail(PushTimeout(f"TLS handshake not complete after {seconds:g} s"))
+            self._fail(_handshake_timeout(f"TLS handshake not complete after {seconds:g} s"))
 
     def _answer_expired(self) -> None:
         seconds = self._client._answer_timeout
@@ -379,7 +379,9 @@ class _Exchange:
             "sent": "no complete answer",
         }.get(self._phase)
         if what is not None:
-            self._fail(PushTimeout(f"{what} within the {seconds:g} s deadline"))
+            message = f"{what} within the {seconds:g} s deadline"
+            self._fail(_handshake_timeout(message) if self._phase == "handshake"
+                       else PushTimeout(message))
 
     # -- connection events --------------------------------------------------------------
 
@@ -411,18 +413,19 @@ class _Exchange:
         connection = self._verification.connection
         cert = connection.get_peer_certificate() if connection is not None else None
         if connection is None or cert is None:
-            self._fail(PushTLSError("SA presented no certificate"))
+            self._fail(_tls_error("SA presented no certificate", "no_certificate"))
             return
         der = crypto.dump_certificate(crypto.FILETYPE_ASN1, cert)
         self._peer_sha256 = hashlib.sha256(der).hexdigest()
         pin = self._verification.pin
-        problem = self._verification.failure
+        problem, kind = self._verification.failure, self._verification.failure_kind
         if problem is None and pin is not None and der != pin:
             problem = "SA certificate pin mismatch after the handshake"  # belt and braces
+            kind = "pin_mismatch"
         if problem is None:
-            problem = _ip_san_problem(connection, cert, self._host)
+            problem, kind = _ip_san_problem(connection, cert, self._host), "ip_mismatch"
         if problem is not None:
-            self._fail(PushTLSError(problem))
+            self._fail(_tls_error(problem, kind))
             return
         self._phase = "sent"
         assert self._transport is not None
@@ -444,14 +447,17 @@ class _Exchange:
         if phase == "done":
             return
         if phase in ("connecting", "handshake"):
-            self._fail(PushTLSError(self._handshake_failure(reason)))
+            self._fail(_tls_error(*self._handshake_failure(reason)))
             return
         data = b"".join(self._received)
         if not data:
             if reason.check(SSL.Error):
-                self._fail(PushTLSError(
+                # TLS 1.3: the SA refuses our client certificate after our side of the
+                # handshake is done; still a failed handshake (§2.1).
+                text = ssl_error_text(reason.value)
+                self._fail(_tls_error(
                     "SA ended the TLS session after the request without an answer: "
-                    f"{_ssl_error_text(reason.value)} (client certificate rejected?)"))
+                    f"{text} (client certificate rejected?)", ssl_failure_reason(text)))
             else:
                 self._fail(PushNoAnswer("connection closed without any HTTP answer"))
             return
@@ -473,16 +479,19 @@ class _Exchange:
             peer_certificate_sha256=self._peer_sha256,
         ))
 
-    def _handshake_failure(self, reason: Failure) -> str:
+    def _handshake_failure(self, reason: Failure) -> tuple[str, str]:
+        """What ended the handshake, and its reason label."""
         if self._verification.failure is not None:
-            return self._verification.failure
+            return self._verification.failure, self._verification.failure_kind
         if reason.check(SSL.Error):
-            return f"TLS handshake failed: {_ssl_error_text(reason.value)}"
+            text = ssl_error_text(reason.value)
+            return f"TLS handshake failed: {text}", ssl_failure_reason(text)
         # A bare close in the handshake: the SA rejecting our client certificate (§2.1), or a
         # listener that does not speak TLS.
         if self._client._client_certs:
-            return "SA closed the connection during the TLS handshake (client certificate?)"
-        return "SA closed the connection during the TLS handshake"
+            return ("SA closed the connection during the TLS handshake (client certificate?)",
+                    "closed")
+        return "SA closed the connection during the TLS handshake", "closed"
 
     # -- endings ------------------------------------------------------------------------
 
@@ -529,8 +538,11 @@ class SAPushClient:
     ``rs-certificate``), or be None: an SA drops a connection with a foreign client
     certificate without answering (§2.1). Validity dates of the SA's chain are not checked
     (libarms ignores them, devices often lack a clock). ``tls_minimum_version`` "1.0" is
-    needed for upstream libarms devices, which speak only TLS 1.0 (§1). ``clock`` runs every
-    deadline (default ``reactor``), so tests can use ``task.Clock`` over real sockets.
+    needed for upstream libarms devices, which speak only TLS 1.0 (§1): the SA gate's
+    setting, applied by the same :class:`~armsproxy.tls.TLSPolicy`. ``clock`` runs every
+    deadline (default ``reactor``), so tests can use ``task.Clock`` over real sockets. Failed
+    handshakes go to ``handshake_failures`` (counted, logged once per SA address), by default
+    a recorder of the client's own.
     """
 
     def __init__(
@@ -544,19 +556,18 @@ class SAPushClient:
         max_answer_bytes: int = DEFAULT_MAX_ANSWER_BYTES,
         tls_minimum_version: str = "1.2",
         clock: IReactorTime | None = None,
+        handshake_failures: HandshakeFailures | None = None,
     ) -> None:
         if connect_timeout <= 0 or answer_timeout <= 0 or max_answer_bytes <= 0:
             raise ValueError("timeouts and max_answer_bytes must be positive")
-        if tls_minimum_version not in _TLS_VERSIONS:
-            raise ValueError(
-                f"tls_minimum_version {tls_minimum_version!r}: use one of {sorted(_TLS_VERSIONS)}"
-            )
+        self._policy = TLSPolicy(minimum_version=tls_minimum_version)  # ValueError if unknown
         self._reactor = reactor
         self._clock: IReactorTime = clock if clock is not None else reactor
         self._connect_timeout = connect_timeout
         self._answer_timeout = answer_timeout
         self._max_answer_bytes = max_answer_bytes
-        self._minimum = _TLS_VERSIONS[tls_minimum_version]
+        self.handshake_failures = (handshake_failures if handshake_failures is not None
+                                   else HandshakeFailures(self._clock))
         self._cas = _load_certificates(sa_ca_pem, "sa_ca_pem")
         self._client_certs: list[x509.Certificate] = []
         self._client_key: Any = None
@@ -577,9 +588,7 @@ class SAPushClient:
 
     def _new_context(self) -> SSL.Context:
         context = SSL.Context(SSL.TLS_METHOD)
-        context.set_min_proto_version(self._minimum)
-        if self._minimum < SSL.TLS1_2_VERSION:
-            context.set_cipher_list(LEGACY_CIPHERS)
+        self._policy.apply(context)  # the SA gate's minimum version and security level
         context.set_options(SSL.OP_NO_TICKET | SSL.OP_NO_COMPRESSION)
         context.set_session_cache_mode(SSL.SESS_CACHE_OFF)
         store = context.get_cert_store()
@@ -598,7 +607,7 @@ class SAPushClient:
                 for extra in self._client_certs[1:]:
                     context.add_extra_chain_cert(extra)
             except SSL.Error as e:
-                raise ValueError(f"client_cert_pem unusable: {_ssl_error_text(e)}") from None
+                raise ValueError(f"client_cert_pem unusable: {ssl_error_text(e)}") from None
         return context
 
     async def push(
@@ -622,10 +631,15 @@ class SAPushClient:
             pin = _pin_der(pinned_certificate_pem)
             return await _Exchange(self, target.host, target.port, request, pin).start()
         except PushError as e:
-            log.warn(
-                "push to {distid} at {url} failed: {reason}",
-                distid=distribution_id, url=url, reason=e.reason,
-            )
+            if e.tls_failure is None:
+                log.warn("push to {distid} at {url} failed: {reason}",
+                         distid=distribution_id, url=url, reason=e.reason)
+            elif not self.handshake_failures.record(
+                    "push", target.host, e.tls_failure, e.reason,
+                    what=f"push to {distribution_id} at {url}"):
+                # Logged once per SA address and reason: a confirmation retries every 3 s.
+                log.debug("push to {distid} at {url} failed: {reason}",
+                          distid=distribution_id, url=url, reason=e.reason)
             raise
         except CancelledError:
             log.info("push to {distid} at {url} cancelled", distid=distribution_id, url=url)

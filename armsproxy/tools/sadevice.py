@@ -52,6 +52,7 @@ from armsproxy.tools.sasim import (
     SimulatedSA,
     escape_text,
     infer_kind,
+    negotiated_tls_version,
     parse_url,
 )
 
@@ -237,6 +238,7 @@ class ReceivedPush:
     transaction_id: int | None = None  # in the answer (2-way)
     answer: bytes = b""  # what the device wrote (empty until written)
     answered_at: float | None = None
+    tls_version: str | None = None  # negotiated with the pusher ("TLSv1")
 
 
 @dataclass
@@ -613,7 +615,8 @@ def _listener_verify(
 @implementer(IOpenSSLServerConnectionCreator)
 class ListenerTLS:
     """Server TLS like the SA's listener: its sa-certificate; asks for, never requires, a client
-    certificate, which must chain to the one trusted CA; no session reuse."""
+    certificate, which must chain to the one trusted CA; no session reuse. A ``tls_max_version``
+    of TLS 1.1 or lower (upstream libarms: 1.0) also lowers the security level, as it must."""
 
     def __init__(
         self,
@@ -670,6 +673,7 @@ class _PushConnection(Protocol):
         self.buffer = b""
         self.handshake_done = False
         self.peer_der: bytes | None = None
+        self.tls_version: str | None = None
         self.state = "handshake"  # handshake, reading, answering, answered, closed
         self._timer: IDelayedCall | None = None
 
@@ -679,6 +683,7 @@ class _PushConnection(Protocol):
 
     def handshakeCompleted(self) -> None:
         self.handshake_done = True
+        self.tls_version = negotiated_tls_version(self.transport)
         self._cancel_timer()
         peer = self.transport.getPeerCertificate()
         if peer is not None:
@@ -752,6 +757,8 @@ class SimulatedDevice:
     posts their dones to the stored result-url. Everything is recorded for assertions:
     `received`, `dones`, `rejected`, `confirmations`, `result_url`, `transactions` (live 2-way
     transaction id -> operation, in creation order), `modules`, `configs`.
+    `tls_min_version`/`tls_max_version` hold in both directions, its listener and its client
+    (``tls_max_version=UPSTREAM_TLS_VERSION``: a TLS-1.0-only upstream device).
     """
 
     def __init__(
@@ -908,6 +915,7 @@ class SimulatedDevice:
             type=infer_kind(request.body or request.raw),
             peer_certificate=conn.peer_der,
             received_at=self.reactor.seconds(),
+            tls_version=conn.tls_version,
         )
         self.received.append(record)
         if self.behaviour.drop_without_answer:

@@ -72,6 +72,16 @@ _TLS_VERSIONS = {
     "1.2": SSL.TLS1_2_VERSION,
     "1.3": SSL.TLS1_3_VERSION,
 }
+#: ``tls_max_version`` of a device like upstream libarms (TLSv1_*_method: TLS 1.0 only, §0.2).
+UPSTREAM_TLS_VERSION = SSL.TLS1_VERSION
+
+
+def negotiated_tls_version(transport: Any) -> str | None:
+    """The version a completed handshake on a Twisted TLS transport negotiated ("TLSv1")."""
+    try:
+        return str(transport.getHandle().get_protocol_version_name())
+    except Exception:
+        return None
 
 # --------------------------------------------------------------------------------------------
 # URLs and text as libarms handles them
@@ -861,7 +871,10 @@ def _sa_verify(conn: SSL.Connection, cert: crypto.X509, errno: int, depth: int, 
 
 @implementer(IOpenSSLClientConnectionCreator)
 class SAConnectionCreator:
-    """Client TLS like libarms: one CA, no SNI, no name check, fresh context per connection."""
+    """Client TLS like libarms: one CA, no SNI, no name check, fresh context per connection.
+
+    ``tls_max_version=UPSTREAM_TLS_VERSION`` makes it upstream libarms: TLS 1.0 only (offered
+    at OpenSSL security level 0, which this OpenSSL needs for it)."""
 
     def __init__(
         self,
@@ -939,6 +952,7 @@ class SAExchange:
     verdict: DeviceVerdict
     error: str | None = None
     request: bytes = b""
+    tls_version: str | None = None  # negotiated ("TLSv1"); None without a handshake
 
 
 @implementer(IHandshakeListener)
@@ -959,6 +973,7 @@ class _ExchangeProtocol(Protocol):
         self._handshake_timeout = handshake_timeout
         self.reads: list[bytes] = []
         self.handshake_done = False
+        self.tls_version: str | None = None
         self.written_at: float | None = None
         self.timed_out = False
         self.finished: defer.Deferred[None] = defer.Deferred()
@@ -978,6 +993,7 @@ class _ExchangeProtocol(Protocol):
 
     def handshakeCompleted(self) -> None:
         self.handshake_done = True
+        self.tls_version = negotiated_tls_version(self.transport)
         self._cancel_timer()
         self._write_next()
 
@@ -1343,6 +1359,7 @@ class SimulatedSA:
             verdict=verdict,
             error=error,
             request=request.data,
+            tls_version=proto.tls_version,
         )
 
 

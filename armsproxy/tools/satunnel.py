@@ -55,6 +55,7 @@ from armsproxy.tools.sasim import (
     basic_authorization,
     infer_kind,
     judge_response,
+    negotiated_tls_version,
     parse_url,
 )
 
@@ -134,6 +135,7 @@ class TunnelConnection:
     closed_at: float | None = None
     close_reason: str | None = None
     zero_chunk_sent: bool = False
+    tls_version: str | None = None  # negotiated ("TLSv1"); None without a handshake
 
     @property
     def sent(self) -> bytes:
@@ -420,6 +422,7 @@ class _Tunnel(Protocol):
         self._arm(self.device.handshake_timeout, "TLS handshake timed out")
 
     def handshakeCompleted(self) -> None:
+        self.conn.tls_version = negotiated_tls_version(self.transport)
         self.phase = "header"
         self._write(self.device.open_request(self.slot.url))
         self._arm(self.device.header_timeout, "no response header from the proxy")
