@@ -1388,8 +1388,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="closed loop instead: orders in flight")
     parser.add_argument("--poll", type=float, default=0.005,
                         help="closed loop: seconds between push.list polls")
-    parser.add_argument("--connections", type=int, default=64,
-                        help="persistent connections to the RS gate (open loop)")
+    parser.add_argument("--connections", type=int, default=48,
+                        help="persistent connections to the RS gate (open loop); keep them "
+                        "under its max_connections (64 by default) with room for the bench's "
+                        "other calls")
     parser.add_argument("--clients", type=int, default=2, help="SA-side processes")
     parser.add_argument("--echo-interval", type=int, default=60,
                         help="seconds between a tunnel's echo-requests (armsproxy's embedded "

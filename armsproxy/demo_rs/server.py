@@ -21,6 +21,7 @@ from twisted.web import server, xmlrpc
 
 from armsproxy.arms.distid import is_distid
 from armsproxy.demo_rs.db import DemoDB, SAConfig
+from armsproxy.limits import DeadlineSite
 
 log = Logger()
 
@@ -29,6 +30,9 @@ FAULT_BAD_PARAMS = 400
 FAULT_UNKNOWN_DISTID = 404
 DEFAULT_PUSH_PORT = 10443  # libarms' listener default (§2.5)
 EVENTS_PAGE = 1000
+# Seconds per call and idle gap; above the RS client's 60 s pool idle timeout, so that the
+# client, not this server, closes an idle pooled connection.
+REQUEST_TIMEOUT = 120.0
 _PULL_FIELDS = ("trigger", "protocol_version", "firmware_info", "description", "peer")
 
 
@@ -251,14 +255,18 @@ def make_demo_rs_site(
     *,
     clock: IReactorTime | None = None,
     rs_push_server_addresses: Sequence[str] = (),
+    request_timeout: float = REQUEST_TIMEOUT,
 ) -> server.Site:
     """A Site serving the demo RS on every path (e.g. ``http://127.0.0.1:8790/RPC2``)."""
     resource = DemoRS(db, clock=clock, rs_push_server_addresses=rs_push_server_addresses)
-    return _QuietSite(resource)
+    return _QuietSite(resource, request_timeout=request_timeout, listener_name="demo rs")
 
 
-class _QuietSite(server.Site):
-    """The demo RS logs each call itself; no extra access-log line per XML-RPC request."""
+class _QuietSite(DeadlineSite):
+    """The demo RS logs each call itself; no extra access-log line per XML-RPC request.
+
+    A whole-request deadline (armsproxy.limits): the embedded default runs it in the proxy's
+    process, whose descriptors devices need."""
 
     noisy = False
 

@@ -4,7 +4,8 @@ The RS gate can push configurations to every device, so its listener is the trus
 (design.md §3): loopback TCP (the default), a unix socket readable only by the owner, or TLS
 where the RS must show a client certificate from the configured CA. Anything weaker is allowed
 only with a warning in the log. Request bodies are bounded, so a caller cannot make the gate
-buffer an unbounded upload.
+buffer an unbounded upload; connections are capped and each call must be answered within
+``request_timeout`` (armsproxy.limits), so a caller cannot hold the gate's descriptors either.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from twisted.python.failure import Failure
 from twisted.web import pages, server
 from twisted.web.resource import IResource, Resource
 
+from ..limits import DeadlineSite, DescriptorBudget, ListenerLimit, limited
 from ..tls import (
     ListenerConfigError,
     TLSListener,
@@ -37,7 +39,9 @@ log = Logger()
 
 DEFAULT_LISTEN = "tcp:8780:interface=127.0.0.1"
 DEFAULT_MAX_BODY = 4 * 1024 * 1024
-IDLE_TIMEOUT = 60.0  # seconds a connection may sit idle between calls
+DEFAULT_MAX_CONNECTIONS = 64
+# Seconds from a connection's start, or the end of the previous answer, to the end of the next.
+DEFAULT_REQUEST_TIMEOUT = 60.0
 UNIX_DEFAULT_MODE = "600"  # Twisted's own default (666) would let any local user push
 _PEM_KEY = re.compile(rb"-----BEGIN ([A-Z ]*)PRIVATE KEY-----.+?-----END \1PRIVATE KEY-----",
                       re.S)
@@ -90,15 +94,16 @@ class _BoundedRequest(server.Request):
         super().requestReceived(command, path, version)
 
 
-class RSGateSite(server.Site):
-    """The HTTP site of the RS gate; ``max_body`` bounds every request body."""
+class RSGateSite(DeadlineSite):
+    """The HTTP site of the RS gate; ``max_body`` bounds every request body, ``request_timeout``
+    the time to send a call and get its answer (and to sit idle before the next)."""
 
     requestFactory = _BoundedRequest
 
     def __init__(self, root: IResource, *, max_body: int = DEFAULT_MAX_BODY,
-                 timeout: float = IDLE_TIMEOUT, reactor: Any = None) -> None:
-        super().__init__(root, timeout=timeout, reactor=reactor,
-                         parsePOSTFormSubmission=False)
+                 request_timeout: float = DEFAULT_REQUEST_TIMEOUT, reactor: Any = None) -> None:
+        super().__init__(root, request_timeout=request_timeout, listener_name="rs gate",
+                         reactor=reactor, parsePOSTFormSubmission=False)
         self.max_body = max_body
         self.displayTracebacks = False
         self.noisy = False
@@ -114,12 +119,14 @@ class _Root(Resource):
 
 
 def make_rs_gate_site(gate: IResource, *, max_body: int = DEFAULT_MAX_BODY,
+                      request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
                       reactor: Any = None) -> RSGateSite:
     """The XML-RPC resource at ``/RPC2`` (the conventional path) and at ``/``; else 404."""
     root = _Root()
     root.putChild(b"", gate)
     root.putChild(b"RPC2", gate)
-    return RSGateSite(root, max_body=max_body, reactor=reactor)
+    return RSGateSite(root, max_body=max_body, request_timeout=request_timeout,
+                      reactor=reactor)
 
 
 class RSGateService(service.Service):
@@ -286,6 +293,9 @@ def rs_gate_service(
     tls_client_ca: bytes | None = None,
     require_client_certificate: bool = True,
     max_body: int = DEFAULT_MAX_BODY,
+    max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
+    budget: DescriptorBudget | None = None,
 ) -> RSGateService:
     """The RS gate as a service: ``resource`` (an :class:`RSGate`) at ``/RPC2`` and ``/``.
 
@@ -297,9 +307,17 @@ def rs_gate_service(
       the caller must present a certificate issued by ``tls_client_ca`` (PEM), refused at the
       handshake otherwise; ``require_client_certificate=False`` drops that (with a warning).
 
+    At most ``max_connections`` connections are open at once; with a ``budget``, none is
+    accepted while fewer than its reserve of descriptors is free (they are for the devices).
+    Each call must be answered within ``request_timeout`` of the connection's start or of the
+    previous answer, however its bytes trickle in.
+
     Raises :class:`~armsproxy.tls.ListenerConfigError` for a description it cannot use.
     """
     endpoint = rs_gate_endpoint(reactor, listen, tls_client_ca=tls_client_ca,
                                 require_client_certificate=require_client_certificate)
-    site = make_rs_gate_site(resource, max_body=max_body, reactor=reactor)
-    return RSGateService(endpoint, site, listen)
+    limit = (budget.listener("rs gate", max_connections) if budget is not None
+             else ListenerLimit("rs gate", max_connections, clock=reactor))
+    site = make_rs_gate_site(resource, max_body=max_body, request_timeout=request_timeout,
+                             reactor=reactor)
+    return RSGateService(limited(endpoint, limit), site, listen)
