@@ -437,3 +437,196 @@ async def test_confirmation_failure_is_reported_after_the_window(store, sa, cloc
     assert "refused" in events[0].payload["error"]
     assert not (await store.sa_get(DISTID)).confirmed
     assert len(sa.calls) == 6  # nothing after the SA's 60 s window
+
+
+# -- the arms.event contract: what real operations emit, against outbox.EVENT_MEMBERS ------
+
+
+def answered_with(name: str, code: int) -> PushAnswer:
+    """A captured answer with its result-code changed."""
+    answer = answer_from(name)
+    xml = answer.xml.replace(b"<result-code>100<", f"<result-code>{code}<".encode())
+    return PushAnswer(status=200, response=answer.response, xml=xml, elapsed=0.0,
+                      peer_certificate_sha256="")
+
+
+@pytest_twisted.ensureDeferred
+async def test_emitted_events_have_exactly_the_declared_members(store, sa, clock):
+    """Every kind, every conditional member present and absent, from real runs of the
+    engine; the README's table is checked against the same declaration (test_docs)."""
+    from armsproxy.push.outbox import EVENT_ENVELOPE, EVENT_MEMBERS, event_struct
+
+    await registered(store)
+    engine = PushEngine(store=store, client=sa, keys=Keys(), clock=clock,
+                        settings=PushSettings(result_url=RESULT_URL, max_attempts=1,
+                                              done_timeout=100, deadline_scan_every=1),
+                        tunnels=TunnelRegistry())
+
+    async def run(order, *answers):
+        sa.script.extend(answers)
+        op, _ = await engine.submit({"distribution_id": DISTID, **order})
+        await settle(engine, clock)
+        return op
+
+    ping = {"operation": "ping", "params": {"address": "192.0.2.1", "count": 3}}
+    await run(ping, answer_from("13-ping-start.response.txt"))  # started
+    message, xml = done_from("14-ping-done.request.txt")
+    await engine.done_request(message, xml, "p")  # succeeded, 2-way
+    await run({"operation": "read-module-list"},
+              answer_from("18-read-module-list.response.txt"))  # succeeded, 1-way
+    unreachable = await run({"operation": "reboot"}, PushUnreachable("refused"))  # failed
+    await run({"operation": "md-command", "params": {"module_id": 1, "command": "x"}},
+              answered_with("17-md-command.response.txt", 203))  # failed, 1-way answer
+    configure = {"operation": "configure", "params": {
+        "modules": [{"id": 1, "version": "1.0.1", "location": "harness-module"}]}}
+    await run(configure, answer_from("22-configure-start.response.txt"))
+    message, xml = done_from("23-configure-done.request.txt")
+    message.transaction_result = 100
+    await engine.done_request(message, xml, "p")
+    message.transaction_result = 414  # rolled back: failed, by a later done
+    await engine.done_request(message, xml, "p")
+    await run({"operation": "read-status", "params": {"status_requests": [
+        {"id": 1, "param": "cpu"}]}}, answer_from("11-read-status-start.response.txt"))
+    await engine._scan_deadlines(clock.seconds() + 101)  # expired
+    cancelled, _ = await engine.submit({"distribution_id": OTHER, "operation": "reboot"})
+    await engine.cancel(cancelled.operation_id)
+    sa.script += [answer_from("05-push-confirmation-done.response.txt")]
+    engine.confirmation_started(DISTID, "https-simple", "https://127.0.0.1:18450/", 5, "p")
+    await until(lambda: not engine._background)
+    engine.settings.confirmation_window = 0.0  # the next one fails at once
+    engine.confirmation_started(DISTID, "https-simple", "https://127.0.0.1:18450/", 6, "p")
+    await until(lambda: not engine._background)
+    engine.tunnel_up(_Tunnel())
+    engine.tunnel_down(_Tunnel(), "")
+    await settle(engine, clock)
+
+    events = [event_struct(e) for e in await store.pending_events(100)]
+    seen: dict[str, list[set[str]]] = {}
+    for event in events:
+        members = EVENT_MEMBERS[event["kind"]]
+        have = set(event) - set(EVENT_ENVELOPE)
+        assert set(EVENT_ENVELOPE) <= set(event), event
+        assert set(members.always) <= have <= set(members.always) | set(members.sometimes), \
+            event
+        if event["kind"].startswith("operation."):
+            assert event["state"] == event["kind"].split(".")[1]
+        seen.setdefault(event["kind"], []).append(have)
+    assert set(seen) == set(EVENT_MEMBERS)  # every declared kind was emitted
+    for kind, members in EVENT_MEMBERS.items():
+        for name in members.sometimes:  # each conditional member was seen with and without
+            assert any(name in have for have in seen[kind]), (kind, name)
+            assert any(name not in have for have in seen[kind]), (kind, name)
+    # The device never answered: no result_code (XML-RPC has no nil); the RS reads `error`.
+    (never,) = [e for e in events if e.get("operation_id") == unreachable.operation_id]
+    assert never["kind"] == "operation.failed" and "result_code" not in never
+    later = [e for e in events if e.get("transaction_result") == 414]
+    assert [(e["kind"], e["result_code"]) for e in later] == [("operation.failed", 414)]
+    assert [e["reason"] for e in events if e["kind"] == "sa.tunnel_down"] == [""]
+
+
+def test_an_undeclared_event_member_or_kind_is_refused():
+    from armsproxy.push.outbox import new_event
+
+    with pytest.raises(ValueError, match="colour"):
+        new_event("sa.confirmed", DISTID, method="https-simple", push_endpoint="u", colour=1)
+    with pytest.raises(ValueError, match="push_endpoint"):
+        new_event("sa.confirmed", DISTID, method="https-simple")
+    with pytest.raises(ValueError, match="undeclared event kind"):
+        new_event("sa.exploded", DISTID)
+
+
+# -- orphan done-requests: answered always, stored within bounds -------------------------
+
+
+async def orphans_of(store, distid=DISTID) -> list[tuple[int, str, int]]:
+    rows = await store._run("orphans", lambda c: c.execute(
+        "SELECT sa_transaction_id, xml, size FROM orphan_dones WHERE distribution_id = ?"
+        " ORDER BY seq", (distid,)).fetchall())
+    return [tuple(r) for r in rows]
+
+
+@pytest_twisted.ensureDeferred
+async def test_unclaimed_dones_are_answered_but_only_the_newest_are_kept(store, sa, clock):
+    """A device flooding done-requests for transactions nobody started fills no disk; a done
+    that overtakes its start answer, the reason orphans exist, is still reconciled."""
+    await registered(store)
+    engine = make_engine(store, sa, clock, orphan_dones_max_per_sa=4)
+    message, xml = done_from("16-traceroute-done.request.txt")
+    real_tid = message.transaction_id
+    for tid in range(1, 11):
+        message.transaction_id = tid
+        assert await engine.done_request(message, xml, "p") == 100  # answered, always
+    assert [tid for tid, _, _ in await orphans_of(store)] == [7, 8, 9, 10]
+    assert engine.stats["done.orphan"] == 10 and engine.stats["done.orphan_dropped"] == 6
+    # The race of §7.0.4 after the flood: the newest orphan is the real one, so it stays.
+    sa.gate = defer.Deferred()
+    sa.script.append(answer_from("15-traceroute-start.response.txt"))
+    op, _ = await engine.submit({"distribution_id": DISTID, "operation": "traceroute",
+                                 "params": {"address": "192.0.2.1", "count": 1, "max_hop": 3}})
+    pumping = defer.ensureDeferred(settle(engine, clock))
+    message.transaction_id = real_tid
+    assert await engine.done_request(message, xml, "p") == 100
+    sa.gate.callback(None)
+    await pumping
+    assert (await store.get(op.operation_id)).state == "succeeded"
+    assert [tid for tid, _, _ in await orphans_of(store)] == [8, 9, 10]
+
+
+@pytest_twisted.ensureDeferred
+async def test_unclaimed_dones_expire_on_the_engines_clock(store, sa, clock):
+    engine = make_engine(store, sa, clock, orphan_dones_ttl=100, orphan_purge_every=10)
+    message, xml = done_from("14-ping-done.request.txt")
+    message.distribution_id = OTHER  # an SA that sends nothing afterwards
+    await engine.done_request(message, xml, "p")
+    clock.advance(50)
+    await engine._tick_async()
+    assert len(await orphans_of(store, OTHER)) == 1
+    clock.advance(51)
+    await engine._tick_async()
+    assert await orphans_of(store, OTHER) == []
+    assert engine.stats["done.orphan_expired"] == 1
+    # And each new orphan drops its own SA's expired ones at once, without waiting.
+    await engine.done_request(message, xml, "p")
+    clock.advance(101)
+    message.transaction_id += 1
+    await engine.done_request(message, xml, "p")
+    assert [tid for tid, _, _ in await orphans_of(store, OTHER)] == [message.transaction_id]
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_oversized_early_done_fails_its_operation_instead_of_being_kept(
+        store, sa, clock):
+    await registered(store)
+    engine = make_engine(store, sa, clock, orphan_done_max_bytes=64)
+    sa.gate = defer.Deferred()
+    sa.script.append(answer_from("15-traceroute-start.response.txt"))
+    op, _ = await engine.submit({"distribution_id": DISTID, "operation": "traceroute",
+                                 "params": {"address": "192.0.2.1", "count": 1, "max_hop": 3}})
+    pumping = defer.ensureDeferred(settle(engine, clock))
+    message, xml = done_from("16-traceroute-done.request.txt")
+    assert await engine.done_request(message, xml, "p") == 100
+    assert await orphans_of(store) == [(message.transaction_id, "", len(xml))]
+    assert engine.stats["done.orphan_too_large"] == 1
+    sa.gate.callback(None)
+    await pumping
+    failed = await store.get(op.operation_id)
+    assert failed.state == "failed" and "orphan_done_max_bytes" in failed.last_error
+    assert await orphans_of(store) == []
+
+
+def test_orphan_bounds_are_checked():
+    for bad in ({"orphan_dones_max_per_sa": 0}, {"orphan_dones_ttl": 0},
+                {"orphan_done_max_bytes": -1}):
+        with pytest.raises(ValueError, match="orphan"):
+            PushSettings(result_url=RESULT_URL, **bad)
+
+
+def test_the_example_configuration_spells_out_the_orphan_bounds():
+    """etc/armsproxy.conf shows the defaults, and config.py reads the keys it documents."""
+    from armsproxy.config import load
+
+    cfg = load(Path(__file__).parent.parent / "etc" / "armsproxy.conf")
+    defaults = PushSettings(result_url=RESULT_URL)
+    assert (cfg.orphan_dones_max_per_sa, cfg.orphan_dones_ttl, cfg.orphan_done_max_bytes) == (
+        defaults.orphan_dones_max_per_sa, defaults.orphan_dones_ttl,
+        defaults.orphan_done_max_bytes)

@@ -518,8 +518,8 @@ async def test_outbox_order_attempts_and_delivery(store, clock):
 
 @pytest_twisted.ensureDeferred
 async def test_orphan_dones_are_taken_once(store):
-    s1 = await store.add_orphan_done(SA_A, 9, "configure-done", "<a/>", T0)
-    s2 = await store.add_orphan_done(SA_A, 9, "configure-done", "<b/>", T0 + 1)
+    s1, _ = await store.add_orphan_done(SA_A, 9, "configure-done", "<a/>", T0)
+    s2, _ = await store.add_orphan_done(SA_A, 9, "configure-done", "<b/>", T0 + 1)
     await store.add_orphan_done(SA_A, 10, "read-status-done", "<c/>", T0 + 2)
     await store.add_orphan_done(SA_B, 9, "ping-done", "<d/>", T0 + 3)
     assert s2 > s1
@@ -533,6 +533,44 @@ async def test_orphan_dones_are_taken_once(store):
     assert await store.purge_orphan_dones(T0 + 3) == 1
     assert await store.take_orphan_dones(SA_A, 10) == []
     assert [o.xml for o in await store.take_orphan_dones(SA_B, 9)] == ["<d/>"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_orphan_dones_are_bounded_per_sa_in_the_same_commit(store):
+    """One device key must not fill the disk: each new orphan trims its own SA's to the
+    newest ``keep`` and drops those older than ``drop_before``; other SAs are untouched."""
+    calls: list[str] = []
+    for i in range(5):
+        await store.add_orphan_done(SA_A, i, "ping-done", f"<a{i}/>", T0 + i)
+    await store.add_orphan_done(SA_B, 1, "ping-done", "<b/>", T0)
+    store.db_hook = calls.append
+    _, dropped = await store.add_orphan_done(SA_A, 5, "ping-done", "<a5/>", T0 + 5, keep=3)
+    assert dropped == 3 and calls == ["add_orphan_done"]  # one call, one commit
+    kept = [tid for tid in range(6) if await store.take_orphan_dones(SA_A, tid)]
+    assert kept == [3, 4, 5]
+    for i in range(3):
+        await store.add_orphan_done(SA_A, 10 + i, "ping-done", "<x/>", T0 + 10 + i)
+    _, dropped = await store.add_orphan_done(SA_A, 20, "ping-done", "<y/>", T0 + 20,
+                                             keep=10, drop_before=T0 + 12)
+    assert dropped == 2  # received at T0+10 and T0+11; the new one is never dropped
+    assert [len(await store.take_orphan_dones(SA_A, t)) for t in (10, 11, 12, 20)] == [
+        0, 0, 1, 1]
+    _, dropped = await store.add_orphan_done(SA_A, 30, "ping-done", "<z/>", T0, keep=1,
+                                             drop_before=T0 + 99)
+    assert dropped == 0 and len(await store.take_orphan_dones(SA_A, 30)) == 1
+    assert [o.xml for o in await store.take_orphan_dones(SA_B, 1)] == ["<b/>"]
+    with pytest.raises(ValueError, match="keep"):
+        await store.add_orphan_done(SA_A, 1, "ping-done", "<x/>", T0, keep=0)
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_orphan_kept_without_its_xml_keeps_its_size(store):
+    await store.add_orphan_done(SA_A, 7, "read-storage-done", "", T0, size=300000)
+    await store.add_orphan_done(SA_A, 8, "ping-done", "<p/>", T0)
+    (big,) = await store.take_orphan_dones(SA_A, 7)
+    assert (big.xml, big.size, big.type) == ("", 300000, "read-storage-done")
+    (small,) = await store.take_orphan_dones(SA_A, 8)
+    assert small.size == 4  # len(xml) by default
 
 
 # -- schema, connection, threads -----------------------------------------------------------
@@ -571,17 +609,34 @@ async def test_old_schema_is_migrated_and_keeps_data(tmp_path, clock):
         assert rec.push_method == "https-simple" and rec.confirmed and rec.tunnels == []
         moved = await s.update(op.operation_id, {"done_deadline": 99.0})
         assert moved.done_deadline == 99.0
-        assert await s.add_orphan_done(SA_A, 5, "ping-done", "<x/>", 1.0) > 0
+        assert (await s.add_orphan_done(SA_A, 5, "ping-done", "<x/>", 1.0))[0] > 0
     finally:
         await s.close()
     conn = sqlite3.connect(path)
     try:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
         columns = {r[1] for r in conn.execute("PRAGMA table_info(operations)")}
         assert "done_deadline" in columns
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     finally:
         conn.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_orphans_stored_before_sizes_survive_the_migration(tmp_path, clock):
+    path = tmp_path / "v2.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    assert migrate(conn, target=2) == 2
+    conn.execute("INSERT INTO orphan_dones (distribution_id, sa_transaction_id, type, xml,"
+                 " received_at) VALUES (?, 4, 'ping-done', '<old/>', 1.0)", (SA_A,))
+    conn.close()
+    s = SQLiteStore(path, reactor=reactor, clock=clock)
+    await s.open()
+    try:
+        (old,) = await s.take_orphan_dones(SA_A, 4)
+        assert (old.xml, old.size) == ("<old/>", 0)
+    finally:
+        await s.close()
 
 
 def future_schema_db(tmp_path):

@@ -23,6 +23,7 @@ Rules an operator can rely on:
 from __future__ import annotations
 
 import random
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -51,6 +52,7 @@ from ..store.model import (
 from ..tunnel import TunnelError
 from . import operations as ops
 from .client import PushError
+from .outbox import new_event
 
 log = Logger()
 
@@ -81,6 +83,17 @@ class PushSettings:
     confirmation_retry: float = 3.0
     endpoint_from_peer: bool = False  # push to the TCP peer address instead (SAs behind NAT)
     tunnel_answer_timeout: float = 30.0  # the SA's answer to a request sent over a tunnel
+    # Done-requests no operation claims yet ("orphans"): answered 100 always, kept bounded.
+    # A legitimate one waits only until its start answer is read (seconds, §7.0.4).
+    orphan_dones_max_per_sa: int = 32  # the newest are kept, older ones dropped
+    orphan_dones_ttl: float = 3600.0  # then dropped: its start answer is long overdue
+    orphan_done_max_bytes: int = 262144  # a larger one is recorded, its XML not kept
+    orphan_purge_every: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.orphan_dones_max_per_sa < 1 or self.orphan_dones_ttl <= 0 \
+                or self.orphan_done_max_bytes < 0:
+            raise ValueError("orphan done bounds: max_per_sa >= 1, ttl > 0, max_bytes >= 0")
 
 
 #: Closed tunnels kept per SA in the registry (with when and why they closed).
@@ -92,11 +105,11 @@ class OrderRejected(ValueError):
 
 
 def _event(kind: str, op: Operation, **payload: Any) -> dict[str, Any]:
-    body = {"state": kind.split(".", 1)[1], "operation": op.operation,
-            "request_id": op.request_id or ""}
-    body.update({k: v for k, v in payload.items() if v is not None})
-    return {"kind": kind, "distribution_id": op.distribution_id,
-            "operation_id": op.operation_id, "payload": body}
+    """An ``operation.*`` event: ``state`` is the kind's second half, ``request_id`` "" when
+    the order had none (members: outbox.EVENT_MEMBERS)."""
+    return new_event(kind, op.distribution_id, op.operation_id,
+                     state=kind.split(".", 1)[1], operation=op.operation,
+                     request_id=op.request_id or "", **payload)
 
 
 class PushEngine(service.Service):
@@ -110,7 +123,10 @@ class PushEngine(service.Service):
         settings: PushSettings,
         on_events: Callable[[], None] | None = None,
         tunnels: Any = None,
+        counter: Callable[[str, int], None] | None = None,
     ) -> None:
+        """``counter(name, n)``: where the engine's counts go (tap.py: the management
+        gate's ``sa_gate_events_total``); by default :attr:`stats`."""
         self.store = store
         self.client = client
         self.keys = keys
@@ -125,7 +141,10 @@ class PushEngine(service.Service):
         self._pumping = False
         self._pump_again = False
         self._last_scan = 0.0
+        self._last_orphan_purge = 0.0
         self._background: set[defer.Deferred[Any]] = set()
+        self.stats: Counter[str] = Counter()
+        self._counter = counter or (lambda name, n: self.stats.update({name: n}))
 
     # -- service ----------------------------------------------------------------------------
     def startService(self) -> None:
@@ -216,8 +235,8 @@ class PushEngine(service.Service):
             raise OrderRejected("method: https-simple or https-tunnel")
         expires_in = order.get("expires_in", self.settings.default_expires_in)
         if isinstance(expires_in, bool) or not isinstance(expires_in, (int, float)) \
-                or expires_in <= 0:
-            raise OrderRejected("expires_in: a positive number of seconds")
+                or not 0 < expires_in <= 10 * 366 * 86400:  # false for NaN; no float(10**400)
+            raise OrderRejected("expires_in: a positive number of seconds, at most 10 years")
         now = self.clock.seconds()
         return NewOperation(
             request_id=request_id, distribution_id=distid, operation=operation, params=params,
@@ -255,6 +274,21 @@ class PushEngine(service.Service):
             self._last_scan = now
             await self._scan_deadlines(now)
         await self._pump()
+        if now - self._last_orphan_purge >= self.settings.orphan_purge_every:
+            self._last_orphan_purge = now
+            await self.purge_orphans(now)
+
+    async def purge_orphans(self, now: float) -> int:
+        """Drop orphan done-requests past ``orphan_dones_ttl``, of every SA.
+
+        Each new orphan already trims its own SA's; this catches the SAs that went quiet.
+        """
+        purged: int = await self.store.purge_orphan_dones(now - self.settings.orphan_dones_ttl)
+        if purged:
+            self._counter("done.orphan_expired", purged)
+            log.info("push: dropped {n} done-request(s) no operation claimed within {ttl:g} s",
+                     n=purged, ttl=self.settings.orphan_dones_ttl)
+        return purged
 
     async def _pump(self) -> None:
         if self._pumping:
@@ -389,7 +423,14 @@ class PushEngine(service.Service):
                 return
             for orphan in await self.store.take_orphan_dones(op.distribution_id,
                                                              outcome.transaction_id):
-                await self._apply_orphan(started, orphan.xml)
+                if orphan.xml:
+                    await self._apply_orphan(started, orphan.xml)
+                else:  # answered 100, so the SA will not send it again: the result is lost
+                    await self._finish(
+                        started, {STARTED}, FAILED,
+                        f"the {orphan.type} ({orphan.size} bytes) came before the start "
+                        f"answer and was larger than orphan_done_max_bytes "
+                        f"({self.settings.orphan_done_max_bytes}): answered, not kept")
                 started = await self.store.get(op.operation_id) or started
 
     # -- tunnels ----------------------------------------------------------------------------
@@ -416,12 +457,11 @@ class PushEngine(service.Service):
         if kind == "sa.tunnel_up":
             fields.update(push_method="https-tunnel", confirmed=True,
                           last_confirmation_at=now, last_peer=tunnel.peer)
-        payload: dict[str, Any] = {"tunnel_id": tunnel.id, "peer": tunnel.peer,
-                                   "path": tunnel.path, "tunnels": len(live)}
-        if reason:
-            payload["reason"] = reason
-        await self.store.sa_update(distid, **fields, events=[{
-            "kind": kind, "distribution_id": distid, "operation_id": None, "payload": payload}])
+        # sa.tunnel_down always says why ("" if nobody said); sa.tunnel_up has no reason.
+        event = new_event(kind, distid, tunnel_id=tunnel.id, peer=tunnel.peer,
+                          path=tunnel.path, tunnels=len(live),
+                          reason=(reason or "") if kind == "sa.tunnel_down" else None)
+        await self.store.sa_update(distid, **fields, events=[event])
         self.on_events()
         if kind == "sa.tunnel_up":
             self.wake()
@@ -445,6 +485,9 @@ class PushEngine(service.Service):
                       *, raw: dict[str, Any] | None = None,
                       changes: dict[str, Any] | None = None) -> Operation | None:
         all_changes = dict(changes or {})
+        if error is None and state in (FAILED, EXPIRED):  # the RS is always told why
+            code = all_changes.get("result_code")
+            error = "no reason recorded" if code is None else f"result code {code}"
         if error is not None:
             all_changes["last_error"] = error
         done = await self.store.transition(
@@ -553,10 +596,9 @@ class PushEngine(service.Service):
                 if isinstance(message, ArmsResponse) and codes.is_success(message.result_code):
                     now = self.clock.seconds()
                     await self.store.sa_update(
-                        distid, confirmed=True, last_confirmation_at=now, events=[{
-                            "kind": "sa.confirmed", "distribution_id": distid,
-                            "operation_id": None,
-                            "payload": {"method": "https-simple", "push_endpoint": url}}])
+                        distid, confirmed=True, last_confirmation_at=now, events=[new_event(
+                            "sa.confirmed", distid, method="https-simple",
+                            push_endpoint=url)])
                     self.on_events()
                     log.info("push: {distid} confirmed https-simple at {url}", distid=distid,
                              url=url)
@@ -568,9 +610,9 @@ class PushEngine(service.Service):
             await task.deferLater(self.clock, self.settings.confirmation_retry, lambda: None)
         log.warn("push: push-confirmation-done to {distid} at {url} failed: {why}",
                  distid=distid, url=url, why=last)
-        await self.store.add_events([{
-            "kind": "sa.confirmation_failed", "distribution_id": distid, "operation_id": None,
-            "payload": {"method": "https-simple", "push_endpoint": url, "error": last}}])
+        await self.store.add_events([new_event(
+            "sa.confirmation_failed", distid, method="https-simple", push_endpoint=url,
+            error=last)])
         self.on_events()
 
     async def done_request(self, request: ArmsRequest, raw: bytes, peer: str) -> int:
@@ -585,22 +627,47 @@ class PushEngine(service.Service):
         if tid is None:
             log.error("push: {type} from {distid} without transaction-id; stored as orphan",
                       type=request.type, distid=distid)
-            await self.store.add_orphan_done(distid, -1, request.type, xml,
-                                             self.clock.seconds())
+            await self._keep_orphan(distid, -1, request.type, raw)
             return codes.SUCCESS
         async with self._lock(distid):
             op = await self.store.find_by_sa_transaction(distid, tid)
             if op is None:
                 op = await self._adoptable(distid, base_type(request.type))
             if op is None:
-                await self.store.add_orphan_done(distid, tid, request.type, xml,
-                                                 self.clock.seconds())
+                await self._keep_orphan(distid, tid, request.type, raw)
                 log.info("push: {type} {tid} from {distid} before its start answer (or for "
                          "an operation not started here); kept for reconciliation",
                          type=request.type, tid=tid, distid=distid)
                 return codes.SUCCESS
             await self._apply_done(op, request, xml)
             return codes.SUCCESS
+
+    async def _keep_orphan(self, distid: str, tid: int, type_: str, raw: bytes) -> None:
+        """Store a done-request nothing claims yet, within the per-SA bounds.
+
+        It is answered 100 whatever happens here (else the SA re-sends it for ever), so the
+        bounds decide only what is kept: the newest ``orphan_dones_max_per_sa`` of the SA,
+        none older than ``orphan_dones_ttl``, and of one larger than ``orphan_done_max_bytes``
+        only that it came (its operation then fails saying so, instead of expiring).
+        """
+        s = self.settings
+        now = self.clock.seconds()
+        xml = raw.decode("ascii", "replace")
+        if len(raw) > s.orphan_done_max_bytes:
+            self._counter("done.orphan_too_large", 1)
+            log.warn("push: {type} {tid} from {distid} ({n} bytes) claimed by no operation "
+                     "yet and over orphan_done_max_bytes ({max}): recorded, XML not kept",
+                     type=type_, tid=tid, distid=distid, n=len(raw), max=s.orphan_done_max_bytes)
+            xml = ""
+        _, dropped = await self.store.add_orphan_done(
+            distid, tid, type_, xml, now, size=len(raw), keep=s.orphan_dones_max_per_sa,
+            drop_before=now - s.orphan_dones_ttl)
+        self._counter("done.orphan", 1)
+        if dropped:
+            self._counter("done.orphan_dropped", dropped)
+            log.warn("push: {distid} has more than {max} unclaimed done-requests (or ones "
+                     "older than {ttl:g} s): dropped the {n} oldest", distid=distid,
+                     max=s.orphan_dones_max_per_sa, ttl=s.orphan_dones_ttl, n=dropped)
 
     async def _adoptable(self, distid: str, base: str) -> Operation | None:
         for op in await self.store.list_operations(distribution_id=distid, states=[STARTED]):
@@ -645,12 +712,15 @@ class PushEngine(service.Service):
             # A second done for a finished transaction (e.g. configure rolled back: 414).
             ok = ops.done_succeeded(op.operation, outcome.transaction_result)
             state = op.state if ok or op.state == FAILED else FAILED
+            changes: dict[str, Any] = {"transaction_result": outcome.transaction_result,
+                                       "result": result}
+            if state != op.state:  # now failed: result_code is the failing done's, as above
+                changes["result_code"] = outcome.transaction_result
             await self.store.transition(
-                op.operation_id, expect={op.state}, state=state, raw=raw,
-                changes={"transaction_result": outcome.transaction_result,
-                         "result": result},
+                op.operation_id, expect={op.state}, state=state, raw=raw, changes=changes,
                 events=[] if state == op.state else [_event(
                     "operation.failed", op, transaction_result=outcome.transaction_result,
+                    result_code=outcome.transaction_result,
                     error="a later done-request reported a failure")],
             )
             self.on_events()

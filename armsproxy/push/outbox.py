@@ -8,6 +8,7 @@ that refuses an event (fault) or is down is retried with capped backoff; the que
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from twisted.application import service
@@ -26,7 +27,68 @@ class EventSink(Protocol):
     async def event(self, event: dict[str, Any]) -> None: ...
 
 
+# -- the arms.event contract (README "The RS interface"; tests/test_docs.py compares) -------
+
+#: Members of every ``arms.event`` struct, whatever its kind (added by :func:`event_struct`).
+EVENT_ENVELOPE: tuple[str, ...] = ("seq", "kind", "distribution_id", "at")
+
+
+@dataclass(frozen=True, slots=True)
+class EventMembers:
+    """The members one kind of event carries besides the envelope.
+
+    ``always`` are in every event of the kind; ``sometimes`` only when they have a value (the
+    README says when). XML-RPC has no nil, so a member without a value is left out, never
+    sent empty: the RS tells "no value" from "0" by presence.
+    """
+
+    always: tuple[str, ...]
+    sometimes: tuple[str, ...] = ()
+
+
+_OPERATION = ("operation_id", "state", "operation", "request_id")
+
+#: Every event kind armsproxy emits, and its members: the one place that says so.
+EVENT_MEMBERS: dict[str, EventMembers] = {
+    "operation.started": EventMembers((*_OPERATION, "sa_transaction_id")),
+    "operation.succeeded": EventMembers((*_OPERATION, "result_code"),
+                                        ("transaction_result",)),
+    "operation.failed": EventMembers((*_OPERATION, "error"),
+                                     ("result_code", "transaction_result")),
+    "operation.expired": EventMembers((*_OPERATION, "error")),
+    "operation.cancelled": EventMembers(_OPERATION),
+    "sa.confirmed": EventMembers(("method", "push_endpoint")),
+    "sa.confirmation_failed": EventMembers(("method", "push_endpoint", "error")),
+    "sa.tunnel_up": EventMembers(("tunnel_id", "peer", "path", "tunnels")),
+    "sa.tunnel_down": EventMembers(("tunnel_id", "peer", "path", "tunnels", "reason")),
+}
+
+
+def new_event(kind: str, distribution_id: str, operation_id: str | None = None,
+              **payload: Any) -> dict[str, Any]:
+    """An event for the store's outbox, held to :data:`EVENT_MEMBERS`.
+
+    Members whose value is None are left out. A kind or member the declaration does not
+    list, or a missing ``always`` member, raises ValueError: that is a bug here, caught by the
+    tests, and the RS contract in the README never silently drifts from what is sent.
+    """
+    members = EVENT_MEMBERS.get(kind)
+    if members is None:
+        raise ValueError(f"undeclared event kind {kind!r}")
+    body = {k: v for k, v in payload.items() if v is not None}
+    # operation_id travels in the outbox row, not in the payload; event_struct puts it back.
+    present = set(body) | ({"operation_id"} if operation_id is not None else set())
+    unknown = present - set(members.always) - set(members.sometimes)
+    missing = set(members.always) - present
+    if unknown or missing:
+        raise ValueError(f"{kind} event: undeclared member(s) {sorted(unknown)}, "
+                         f"missing {sorted(missing)}")
+    return {"kind": kind, "distribution_id": distribution_id, "operation_id": operation_id,
+            "payload": body}
+
+
 def event_struct(event: Event) -> dict[str, Any]:
+    """What ``arms.event`` receives: the envelope, then the event's own members."""
     struct: dict[str, Any] = {
         "seq": event.seq, "kind": event.kind, "distribution_id": event.distribution_id,
         "at": event.created_at,

@@ -70,6 +70,39 @@ def push_method_answer(struct: Mapping[str, Any]) -> PushMethodAnswer:
     )
 
 
+#: Every member of the ``arms.config_solicitation`` answer that armsproxy reads, and whether
+#: it is required (missing: the device gets 301 and the reason is logged) or optional.
+#: ``name[].member`` is a member of each struct in the list ``name``. "Required" includes the
+#: device rules (armsproxy.arms.guard): at least one heartbeat, each with an interval > 0.
+#: Other members are ignored. tests/test_docs.py checks this against the reader below (what
+#: it reads, what it refuses without) and against the README's table.
+CONFIG_SOLICITATION_MEMBERS: dict[str, bool] = {
+    "result_code": False,  # default 100; outside 100-199 relayed as is, nothing else read
+    "sa_certificate": False,
+    "sa_private_key": False,
+    "push_port": False,
+    "push_timeout": False,
+    "heartbeats": True,
+    "heartbeats[].host": True,
+    "heartbeats[].port": False,
+    "heartbeats[].passphrase": True,
+    "heartbeats[].interval": True,
+    "heartbeats[].algorithms": False,
+    "rs_push_server_addresses": False,
+    "modules": False,
+    "modules[].id": True,
+    "modules[].version": False,
+    "modules[].install_order": False,
+    "modules[].location": False,
+    "md_configs": False,
+    "md_configs[].id": True,
+    "md_configs[].content_type": False,
+    "md_configs[].commit_order": False,
+    "md_configs[].data": True,
+    "proxy_urls": False,  # default: [sa_gate] public_urls
+}
+
+
 def config_solicitation_body(
     struct: Mapping[str, Any], default_proxy_urls: list[str]
 ) -> ConfigSolicitationResponse:

@@ -113,7 +113,14 @@ class Store(Protocol):
         type: str,
         xml: str,
         received_at: float,
-    ) -> int: ...
+        *,
+        size: int | None = None,
+        keep: int | None = None,
+        drop_before: float | None = None,
+    ) -> tuple[int, int]:
+        """Store an orphan; ``(seq, dropped)``. In the same commit, drop this SA's orphans
+        received before ``drop_before`` and all but its newest ``keep`` (the new one counts):
+        ``dropped`` says how many went. ``size`` defaults to ``len(xml)``."""
 
     async def take_orphan_dones(
         self, distribution_id: str, sa_transaction_id: int

@@ -92,6 +92,12 @@ MIGRATIONS: list[Step] = [
         "CREATE INDEX orphan_dones_txn ON orphan_dones(distribution_id, sa_transaction_id, seq)",
         "CREATE INDEX orphan_dones_age ON orphan_dones(received_at)",
     ),
+    # 3: an orphan's size as received (its XML is not kept past a bound), and an index to
+    # trim each SA's orphans to the newest few.
+    (
+        "ALTER TABLE orphan_dones ADD COLUMN size INTEGER NOT NULL DEFAULT 0",
+        "CREATE INDEX orphan_dones_sa ON orphan_dones(distribution_id, seq)",
+    ),
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

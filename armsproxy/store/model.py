@@ -141,7 +141,11 @@ class Event:
 
 @dataclass(slots=True)
 class OrphanDone:
-    """A done-request that could not yet be matched to an operation (§7.0.3, §7.0.4)."""
+    """A done-request that could not yet be matched to an operation (§7.0.3, §7.0.4).
+
+    ``xml`` is "" when it was too large to keep (bounded storage); ``size`` says how large
+    it was (0: stored before sizes were recorded).
+    """
 
     distribution_id: str
     sa_transaction_id: int
@@ -149,6 +153,7 @@ class OrphanDone:
     xml: str
     received_at: float
     seq: int
+    size: int = 0
 
 
 #: Every stored column of an operation, in the dataclass's order (``raw`` lives apart).

@@ -194,6 +194,7 @@ class SQLiteStore:
         return fn(conn, *args)
 
     def _connect(self) -> sqlite3.Connection:
+        self.path.touch(mode=0o600)  # a new store is its owner's only; -wal/-shm follow its mode
         conn = sqlite3.connect(str(self.path), isolation_level=None, timeout=self._busy_timeout)
         try:
             conn.row_factory = sqlite3.Row
@@ -405,9 +406,16 @@ class SQLiteStore:
         type: str,
         xml: str,
         received_at: float,
-    ) -> int:
-        row = (distribution_id, int(sa_transaction_id), type, xml, received_at)
-        return await self._run("add_orphan_done", _add_orphan_done, row)
+        *,
+        size: int | None = None,
+        keep: int | None = None,
+        drop_before: float | None = None,
+    ) -> tuple[int, int]:
+        if keep is not None and keep < 1:
+            raise ValueError("keep must be at least 1 (the new orphan itself)")
+        row = (distribution_id, int(sa_transaction_id), type, xml, received_at,
+               len(xml) if size is None else int(size))
+        return await self._run("add_orphan_done", _add_orphan_done, row, keep, drop_before)
 
     async def take_orphan_dones(
         self, distribution_id: str, sa_transaction_id: int
@@ -633,14 +641,29 @@ def _note_event_attempt(conn: sqlite3.Connection, seq: int) -> None:
     conn.execute("UPDATE outbox SET attempts = attempts + 1 WHERE seq = ?", (seq,))
 
 
-def _add_orphan_done(conn: sqlite3.Connection, row: tuple[Any, ...]) -> int:
+def _add_orphan_done(conn: sqlite3.Connection, row: tuple[Any, ...], keep: int | None,
+                     drop_before: float | None) -> tuple[int, int]:
     cur = conn.execute(
         "INSERT INTO orphan_dones (distribution_id, sa_transaction_id, type, xml,"
-        " received_at) VALUES (?, ?, ?, ?, ?)",
+        " received_at, size) VALUES (?, ?, ?, ?, ?, ?)",
         row,
     )
-    assert cur.lastrowid is not None
-    return cur.lastrowid
+    seq = cur.lastrowid
+    assert seq is not None
+    distribution_id = row[0]
+    dropped = 0
+    if drop_before is not None:
+        dropped += conn.execute(
+            "DELETE FROM orphan_dones WHERE distribution_id = ? AND received_at < ?"
+            " AND seq != ?", (distribution_id, drop_before, seq)).rowcount
+    if keep is not None:
+        # orphan_dones_sa: the SA's rows newest first; the bound keeps them few.
+        dropped += conn.execute(
+            "DELETE FROM orphan_dones WHERE distribution_id = ? AND seq < ("
+            " SELECT seq FROM orphan_dones WHERE distribution_id = ?"
+            " ORDER BY seq DESC LIMIT 1 OFFSET ?)",
+            (distribution_id, distribution_id, keep - 1)).rowcount
+    return seq, dropped
 
 
 def _take_orphan_dones(
@@ -648,7 +671,7 @@ def _take_orphan_dones(
 ) -> list[OrphanDone]:
     rows = conn.execute(
         "DELETE FROM orphan_dones WHERE distribution_id = ? AND sa_transaction_id = ?"
-        " RETURNING seq, distribution_id, sa_transaction_id, type, xml, received_at",
+        " RETURNING seq, distribution_id, sa_transaction_id, type, xml, received_at, size",
         (distribution_id, sa_transaction_id),
     ).fetchall()
     orphans = [
@@ -659,6 +682,7 @@ def _take_orphan_dones(
             xml=r["xml"],
             received_at=r["received_at"],
             seq=r["seq"],
+            size=r["size"],
         )
         for r in rows
     ]
