@@ -12,7 +12,9 @@ The CLI may write while the server runs; WAL plus a busy timeout covers that.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,8 +23,11 @@ from typing import Any, Protocol
 from twisted.enterprise import adbapi
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorCore
+from twisted.logger import Logger
 
 from armsproxy.pki import fingerprint_sha256
+
+log = Logger()
 
 SCHEMA_VERSION = 1
 BUSY_TIMEOUT_S = 10.0
@@ -195,8 +200,34 @@ def prepare_connection(conn: sqlite3.Connection) -> None:
     migrate(conn)
 
 
+def create_private(path: str | Path) -> None:
+    """Make sure the database file exists and only its owner can read it, before SQLite opens it.
+
+    It holds every device's RS key, certificate and private key. SQLite would create it with
+    the umask (usually world-readable); its ``-wal`` and ``-shm`` files take the main file's
+    mode, so they follow. A file an older armsproxy left readable to others is tightened.
+    """
+    if str(path) in ("", ":memory:"):
+        return
+    path = Path(path)
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        return
+    except FileExistsError:
+        pass
+    for name in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        try:
+            mode = stat.S_IMODE(name.stat().st_mode)
+        except FileNotFoundError:
+            continue
+        if mode & 0o077:
+            log.warn("tightening mode of {path} to 0600 (it holds device keys)", path=str(name))
+            os.chmod(name, mode & 0o600)
+
+
 def connect(path: str | Path) -> sqlite3.Connection:
     """A synchronous connection for the CLI (never use on the reactor thread)."""
+    create_private(path)
     conn = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_S)
     try:
         prepare_connection(conn)
@@ -389,6 +420,7 @@ class DemoDB:
 
     def __init__(self, path: str | Path, reactor: IReactorCore | None = None) -> None:
         self.path = Path(path)
+        create_private(self.path)  # before the pool's thread lets SQLite create it
         extra: dict[str, Any] = {} if reactor is None else {"cp_reactor": reactor}
         self._pool = adbapi.ConnectionPool(
             "sqlite3",
