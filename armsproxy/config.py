@@ -29,11 +29,14 @@ class Config:
     sa_listen: str
     public_urls: list[str]
     tunnel_listen: str = ""  # optional listener for https-tunnels only (else: sa_listen)
-    tls_minimum_version: str = "1.2"
+    tls_minimum_version: str = "1.2"  # with devices, both directions: gate, tunnels, pushes
     client_ca: Path | None = None
     max_body: int = 1024 * 1024
     request_timeout: float = 20.0
     relay_budget: float = 20.0
+    # connection caps of listen and tunnel_listen; None: automatic, from the descriptor limit
+    max_connections: int | None = None
+    tunnel_max_connections: int | None = None
     # RS
     rs_url: str = "http://127.0.0.1:8790/RPC2"
     rs_ca: Path | None = None
@@ -56,14 +59,22 @@ class Config:
     interrupted_grace: float = 120.0
     default_expires_in: float = 86400.0
     endpoint_from_peer: bool = False
+    # done-requests no operation claims (yet): how many per SA, how long, how large kept
+    orphan_dones_max_per_sa: int = 32
+    orphan_dones_ttl: float = 3600.0
+    orphan_done_max_bytes: int = 262144
     # store
     store_path: Path | None = None  # default: data_dir/armsproxy.sqlite
     results_ttl: float = 7 * 86400.0
     # RS gate (XML-RPC for the RS)
     rs_gate_listen: str = "tcp:8780:interface=127.0.0.1"
     rs_gate_client_ca: Path | None = None  # required client certificates for ssl:
+    rs_gate_max_connections: int = 64
+    rs_gate_request_timeout: float = 60.0
     # management gate (/healthz, /readyz, /metrics); empty: no such listener
     management_listen: str = ""
+    management_max_connections: int = 16
+    management_request_timeout: float = 10.0  # above /readyz's 5 s store timeout
     # embedded demo RS (the default when no configuration file is given)
     demo_rs: bool = False
     demo_rs_listen: str = "tcp:8790:interface=127.0.0.1"
@@ -90,6 +101,11 @@ class Config:
 
 def _list(value: str) -> list[str]:
     return [item for item in value.replace(",", " ").split() if item]
+
+
+def _cap(value: str) -> int | None:
+    """A connection cap: a number, or ``auto`` (None) for one derived from the descriptors."""
+    return None if value.strip().lower() == "auto" else int(value)
 
 
 def _path(value: str | None, base: Path) -> Path | None:
@@ -146,11 +162,28 @@ def validate(cfg: Config) -> Config:
                         "verifies every SA it pushes to against it)")
     if cfg.max_attempts < 1:
         problems.append("[push] max_attempts: at least 1")
+    if cfg.orphan_dones_max_per_sa < 1:
+        problems.append("[push] orphan_dones_max_per_sa: at least 1")
+    if cfg.orphan_dones_ttl < 60:  # it must outlive the wait for a start answer (30 s)
+        problems.append("[push] orphan_dones_ttl: at least 60 seconds")
+    if cfg.orphan_done_max_bytes < 0:
+        problems.append("[push] orphan_done_max_bytes: 0 or more")
     if cfg.rs_gate_listen.startswith("ssl:") and cfg.rs_gate_client_ca is None:
         problems.append("[rs_gate] listen: an ssl: RS gate needs client_ca (the RS must "
                         "present a client certificate)")
     if cfg.max_body < 4096:
         problems.append("[sa_gate] max_body: at least 4096 bytes")
+    for name, cap in (("[sa_gate] max_connections", cfg.max_connections),
+                      ("[sa_gate] tunnel_max_connections", cfg.tunnel_max_connections),
+                      ("[rs_gate] max_connections", cfg.rs_gate_max_connections),
+                      ("[management] max_connections", cfg.management_max_connections)):
+        if cap is not None and cap < 1:
+            problems.append(f"{name}: at least 1 (or auto where allowed)")
+    if cfg.rs_gate_request_timeout <= 0:
+        problems.append("[rs_gate] request_timeout: more than 0 seconds")
+    if cfg.management_request_timeout <= 5:
+        problems.append("[management] request_timeout: more than 5 seconds (/readyz waits up "
+                        "to 5 s for the store)")
     if problems:
         raise ConfigError(f"{cfg.source}:\n  " + "\n  ".join(problems))
     return cfg
@@ -180,6 +213,9 @@ def load(path: Path) -> Config:
             max_body=parser.getint("sa_gate", "max_body", fallback=1024 * 1024),
             request_timeout=parser.getfloat("sa_gate", "request_timeout", fallback=20.0),
             relay_budget=parser.getfloat("sa_gate", "relay_budget", fallback=20.0),
+            max_connections=_cap(get("sa_gate", "max_connections", fallback="auto")),
+            tunnel_max_connections=_cap(get("sa_gate", "tunnel_max_connections",
+                                            fallback="auto")),
             rs_url=get("rs", "url", fallback=""),
             rs_ca=_path(get("rs", "ca", fallback=None), base),
             rs_client_certificate=_path(get("rs", "client_certificate", fallback=None), base),
@@ -202,11 +238,23 @@ def load(path: Path) -> Config:
                                                fallback=86400.0),
             endpoint_from_peer=parser.getboolean("push", "endpoint_from_peer",
                                                  fallback=False),
+            orphan_dones_max_per_sa=parser.getint("push", "orphan_dones_max_per_sa",
+                                                  fallback=32),
+            orphan_dones_ttl=parser.getfloat("push", "orphan_dones_ttl", fallback=3600.0),
+            orphan_done_max_bytes=parser.getint("push", "orphan_done_max_bytes",
+                                                fallback=262144),
             store_path=_path(get("store", "path", fallback=None), base),
             results_ttl=parser.getfloat("store", "results_ttl", fallback=7 * 86400.0),
             rs_gate_listen=get("rs_gate", "listen", fallback="tcp:8780:interface=127.0.0.1"),
             rs_gate_client_ca=_path(get("rs_gate", "client_ca", fallback=None), base),
+            rs_gate_max_connections=parser.getint("rs_gate", "max_connections", fallback=64),
+            rs_gate_request_timeout=parser.getfloat("rs_gate", "request_timeout",
+                                                    fallback=60.0),
             management_listen=get("management", "listen", fallback=""),
+            management_max_connections=parser.getint("management", "max_connections",
+                                                     fallback=16),
+            management_request_timeout=parser.getfloat("management", "request_timeout",
+                                                       fallback=10.0),
             demo_rs=parser.getboolean("demo_rs", "enabled", fallback=False),
             demo_rs_listen=get("demo_rs", "listen", fallback="tcp:8790:interface=127.0.0.1"),
             demo_rs_db=_path(get("demo_rs", "db", fallback=None), base),
@@ -219,15 +267,17 @@ def load(path: Path) -> Config:
 
 def embedded(data_dir: Path, *, port: int = 8443, rs_port: int = 8790,
              rs_gate_port: int = 8780, management_port: int | None = None,
-             host: str = "127.0.0.1") -> Config:
+             host: str = "127.0.0.1", tls_minimum_version: str = "1.2") -> Config:
     """Proxy + demo RS on loopback with a generated dev PKI under ``data_dir``; the management
-    gate too if ``management_port`` is given (``twistd armsproxy`` gives 8781)."""
+    gate too if ``management_port`` is given (``twistd armsproxy`` gives 8781).
+    ``tls_minimum_version`` "1.0" lets real (TLS 1.0) libarms devices in, both directions."""
     pki = data_dir / "pki"
     return validate(Config(
         data_dir=data_dir,
         sa_listen=f"ssl:{port}:interface={host}:privateKey={pki / 'server.key'}:"
                   f"certKey={pki / 'server.pem'}",
         public_urls=[f"https://{host}:{port}/arms"],
+        tls_minimum_version=tls_minimum_version,
         rs_url=f"http://127.0.0.1:{rs_port}/RPC2",
         demo_rs=True,
         demo_rs_listen=f"tcp:{rs_port}:interface=127.0.0.1",

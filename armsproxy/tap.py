@@ -23,6 +23,7 @@ from twisted.python.failure import Failure
 
 from . import __version__
 from .config import Config, ConfigError, embedded, load
+from .limits import DescriptorBudget, limited
 from .management import ManagementResource, ManagementSite
 from .push.client import SAPushClient
 from .push.engine import PushEngine, PushSettings
@@ -33,6 +34,7 @@ from .sa_gate.protocol import GateLimits, SAGateFactory
 from .sa_gate.relay import PullRelay, RelaySettings
 from .store.sqlite import SQLiteStore
 from .tls import (
+    HandshakeFailures,
     ListenerConfigError,
     TLSPolicy,
     release_own_unix_lock,
@@ -60,6 +62,10 @@ class Options(usage.Options):
         ["management-port", None, "8781",
          "Management gate port (/healthz, /readyz, /metrics) for the embedded default; "
          "0: none."],
+        ["tls-minimum-version", None, None,
+         "Lowest TLS version with devices, both directions, for the embedded default: 1.2 "
+         "(default), 1.3, or 1.1/1.0 (real libarms devices speak only TLS 1.0). With --config: "
+         "[sa_gate] tls_minimum_version."],
     ]
 
     def opt_version(self) -> None:
@@ -70,6 +76,9 @@ class Options(usage.Options):
         _refuse_device_logfile(getattr(self, "parent", None))
         try:
             if self["config"]:
+                if self["tls-minimum-version"] is not None:
+                    raise usage.UsageError("--tls-minimum-version is for the embedded default; "
+                                           "with --config set [sa_gate] tls_minimum_version")
                 self["cfg"] = load(Path(self["config"]))
             else:
                 self["cfg"] = embedded(
@@ -78,6 +87,7 @@ class Options(usage.Options):
                     rs_port=int(self["rs-port"]),
                     rs_gate_port=int(self["rs-gate-port"]),
                     management_port=int(self["management-port"]),
+                    tls_minimum_version=self["tls-minimum-version"] or "1.2",
                 )
         except (ConfigError, ValueError) as e:
             raise usage.UsageError(str(e)) from None
@@ -136,12 +146,13 @@ def build_services(cfg: Config, reactor: Any = None) -> service.MultiService:
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
+    budget = DescriptorBudget.at_start(reactor)  # raises the soft RLIMIT_NOFILE first
     top = service.MultiService()
     for listen in (cfg.rs_gate_listen, cfg.management_listen,
                    cfg.demo_rs_listen if cfg.demo_rs else ""):
         release_own_unix_lock(listen)
     if cfg.demo_rs:
-        _add_demo_rs(cfg, top, reactor)
+        _add_demo_rs(cfg, top, reactor, budget)
     rs = RSClient(
         reactor, cfg.rs_url, ca_pem=_read(cfg.rs_ca),
         client_cert_pem=_read(cfg.rs_client_certificate), timeout=cfg.rs_timeout,
@@ -155,10 +166,20 @@ def build_services(cfg: Config, reactor: Any = None) -> service.MultiService:
     outbox = EventOutbox(store, rs, reactor)
     tunnels = TunnelRegistry()
     assert cfg.sa_ca is not None
+    # One TLS policy with devices, both directions (§1 rule 1): SA gate, tunnels and pushes.
+    try:
+        policy = TLSPolicy(minimum_version=cfg.tls_minimum_version,
+                           client_ca_pem=_read(cfg.client_ca))
+    except ListenerConfigError as e:
+        raise usage.UsageError(str(e)) from None
+    policy.warn_if_legacy()
+    handshake_failures = HandshakeFailures(reactor)
     engine = PushEngine(
         store=store,
         client=SAPushClient(reactor, sa_ca_pem=cfg.sa_ca.read_bytes(),
-                            client_cert_pem=_read(cfg.push_client_certificate)),
+                            client_cert_pem=_read(cfg.push_client_certificate),
+                            tls_minimum_version=policy.minimum_version,
+                            handshake_failures=handshake_failures),
         keys=keys,
         clock=reactor,
         settings=PushSettings(
@@ -167,9 +188,15 @@ def build_services(cfg: Config, reactor: Any = None) -> service.MultiService:
             done_timeout=cfg.done_timeout, interrupted_grace=cfg.interrupted_grace,
             default_expires_in=cfg.default_expires_in,
             endpoint_from_peer=cfg.endpoint_from_peer,
+            orphan_dones_max_per_sa=cfg.orphan_dones_max_per_sa,
+            orphan_dones_ttl=cfg.orphan_dones_ttl,
+            orphan_done_max_bytes=cfg.orphan_done_max_bytes,
         ),
         on_events=outbox.kick,
         tunnels=tunnels,
+        # Counted with the SA gate's outcomes (/metrics); `relay` is built below, before
+        # anything can be counted.
+        counter=lambda name, n: relay.stats.update({name: n}),
     )
     engine.setServiceParent(push_side)
     outbox.setServiceParent(push_side)
@@ -178,6 +205,8 @@ def build_services(cfg: Config, reactor: Any = None) -> service.MultiService:
         rs_gate = rs_gate_service(
             reactor, cfg.rs_gate_listen, RSGate(engine, store, clock=reactor),
             tls_client_ca=_read(cfg.rs_gate_client_ca),
+            max_connections=cfg.rs_gate_max_connections,
+            request_timeout=cfg.rs_gate_request_timeout, budget=budget,
         )
     except ListenerConfigError as e:
         raise usage.UsageError(str(e)) from None
@@ -217,15 +246,17 @@ def build_services(cfg: Config, reactor: Any = None) -> service.MultiService:
         counter=lambda name: relay.stats.update([name]),
         tunnel_opener=open_tunnel if cfg.tunnel_urls else None,
     )
-    policy = TLSPolicy(minimum_version=cfg.tls_minimum_version,
-                       client_ca_pem=_read(cfg.client_ca))
     try:
-        listener = tls_listener(reactor, cfg.sa_listen, policy)
-        tunnel_listener = (tls_listener(reactor, cfg.tunnel_listen, policy)
+        listener = tls_listener(reactor, cfg.sa_listen, policy, handshake_failures)
+        tunnel_listener = (tls_listener(reactor, cfg.tunnel_listen, policy, handshake_failures)
                            if cfg.tunnel_listen else None)
     except ListenerConfigError as e:
         raise usage.UsageError(str(e)) from None
-    sa_gate = _listener(listener, factory)
+    # A pull holds two descriptors (its own, one to the RS); tunnels one: the automatic caps
+    # share what the reserve leaves between the device listeners.
+    share = 3 if tunnel_listener is not None else 2
+    sa_gate = _listener(limited(listener, budget.device_listener(
+        "sa gate", cfg.max_connections, share=share, counter=factory.count)), factory)
     sa_gate.setName("sa-gate")
     sa_gate.setServiceParent(top)
     if tunnel_listener is not None:
@@ -236,15 +267,19 @@ def build_services(cfg: Config, reactor: Any = None) -> service.MultiService:
             limits=dataclasses.replace(factory.limits, tunnels_only=True),
             counter=factory.count, tunnel_opener=open_tunnel,
         )
-        tunnel_gate = _listener(tunnel_listener, tunnel_factory)
+        tunnel_gate = _listener(limited(tunnel_listener, budget.device_listener(
+            "sa gate tunnels", cfg.tunnel_max_connections, share=share,
+            counter=factory.count)), tunnel_factory)
         tunnel_gate.setName("sa-gate-tunnels")
         tunnel_gate.setServiceParent(top)
     if cfg.management_listen:
-        _add_management(cfg, top, reactor, store, relay, tunnels)
+        _add_management(cfg, top, reactor, store, relay, tunnels, budget, handshake_failures)
     top.relay = relay  # type: ignore[attr-defined]  # for tests and the management view
     top.engine = engine  # type: ignore[attr-defined]
     top.tunnels = tunnels  # type: ignore[attr-defined]
     top.store = store  # type: ignore[attr-defined]
+    top.budget = budget  # type: ignore[attr-defined]  # the listeners' limits, for tests
+    top.handshake_failures = handshake_failures  # type: ignore[attr-defined]
     return top
 
 
@@ -257,14 +292,19 @@ def _listener(endpoint: Any, factory: Any) -> StreamServerEndpointService:
 
 
 def _add_management(cfg: Config, top: service.MultiService, reactor: Any, store: SQLiteStore,
-                    relay: PullRelay, tunnels: TunnelRegistry) -> None:
+                    relay: PullRelay, tunnels: TunnelRegistry,
+                    budget: DescriptorBudget, handshake_failures: HandshakeFailures) -> None:
     try:
-        endpoint = server_endpoint(reactor, cfg.management_listen, "[management] listen")
+        endpoint = limited(
+            server_endpoint(reactor, cfg.management_listen, "[management] listen"),
+            budget.listener("management", cfg.management_max_connections))
     except ListenerConfigError as e:
         raise usage.UsageError(str(e)) from None
     resource = ManagementResource(store=store, sa_gate_counts=relay.stats,
-                                  tunnel_counts=tunnels.counts, clock=reactor)
-    management = _listener(endpoint, ManagementSite(resource, reactor))
+                                  tunnel_counts=tunnels.counts, clock=reactor,
+                                  tls_failures=handshake_failures.counts)
+    site = ManagementSite(resource, reactor, request_timeout=cfg.management_request_timeout)
+    management = _listener(endpoint, site)
     management.setName("management")
     management.setServiceParent(top)
 
@@ -284,6 +324,9 @@ class _TunnelHooks:
         return await self.relay.confirmation_start(distid, request, peer)
 
     async def done_request(self, request: Any, raw: bytes, peer: str) -> int:
+        # Counted like a done over https-simple (the relay counts those, and a tunnel's
+        # push-confirmation-start), in armsproxy_sa_gate_requests_total.
+        self.relay.stats[f"request.{request.type}"] += 1
         return await self.engine.done_request(request, raw, peer)
 
     def tunnel_up(self, tunnel: Any) -> None:
@@ -298,7 +341,8 @@ def _purge(store: SQLiteStore, clock: Any, ttl: float) -> defer.Deferred[int]:
     return defer.ensureDeferred(store.purge_results(clock.seconds() - ttl))
 
 
-def _add_demo_rs(cfg: Config, top: service.MultiService, reactor: Any) -> None:
+def _add_demo_rs(cfg: Config, top: service.MultiService, reactor: Any,
+                 budget: DescriptorBudget) -> None:
     from .demo_rs.db import DemoDB
     from .demo_rs.server import make_demo_rs_site
     from .pki import ensure_dev_pki
@@ -311,7 +355,10 @@ def _add_demo_rs(cfg: Config, top: service.MultiService, reactor: Any) -> None:
     db = DemoDB(cfg.demo_rs_db)
     site = make_demo_rs_site(db)
     try:
-        endpoint = server_endpoint(reactor, cfg.demo_rs_listen, "[demo_rs] listen")
+        # Its connections are the RS client's, one per pull: part of the devices' path, so
+        # capped like the SA gate and not kept out of the reserve.
+        endpoint = limited(server_endpoint(reactor, cfg.demo_rs_listen, "[demo_rs] listen"),
+                           budget.listener("demo rs", budget.device_cap(), device=True))
     except ListenerConfigError as e:
         raise usage.UsageError(str(e)) from None
     demo = _listener(endpoint, site)
