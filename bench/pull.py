@@ -90,7 +90,7 @@ def run_load(port: int, path: str, ca_pem: bytes, concurrency: int, requests: in
     from twisted.internet.protocol import Protocol
     from twisted.internet.ssl import Certificate, optionsForClientTLS
 
-    from armsproxy.tools.sasim import SimulatedSA
+    from armsproxy.device import SimulatedSA
 
     request = SimulatedSA(reactor, DISTID, KEY, ca_pem=ca_pem).build_config_solicitation(
         f"https://127.0.0.1:{port}{path}").data

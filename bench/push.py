@@ -187,8 +187,7 @@ def serve_devices(work: Path, count: int, proxy_port: int, deadline: float) -> N
     from twisted.logger import globalLogBeginner
 
     from armsproxy.demo_rs import cli as demo_cli
-    from armsproxy.tools.sadevice import DeviceModule, SimulatedDevice
-    from armsproxy.tools.sasim import SimulatedSA
+    from armsproxy.device import DeviceModule, SimulatedDevice, SimulatedSA
 
     globalLogBeginner.beginLoggingTo([], discardBuffer=True, redirectStandardIO=False)
     started = time.monotonic()

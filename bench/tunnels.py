@@ -351,7 +351,7 @@ class Fleet:
 
     def open_request(self, distid: str) -> bytes:
         """The header a device writes on a fresh tunnel (04-https-tunnel-open.request.txt)."""
-        from armsproxy.tools.satunnel import build_open_request
+        from armsproxy.device import build_open_request
 
         return build_open_request(f"https://127.0.0.1:{self.port}/arms-tunnel", distid, KEY)
 

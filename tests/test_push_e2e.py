@@ -15,9 +15,14 @@ from twisted.internet import reactor, task, threads
 
 from armsproxy.config import embedded
 from armsproxy.demo_rs import cli as demo_cli
+from armsproxy.device import (
+    UPSTREAM_TLS_VERSION,
+    DeviceBehaviour,
+    DeviceModule,
+    SimulatedDevice,
+    SimulatedSA,
+)
 from armsproxy.tap import build_services
-from armsproxy.tools.sadevice import DeviceBehaviour, DeviceModule, SimulatedDevice
-from armsproxy.tools.sasim import UPSTREAM_TLS_VERSION, SimulatedSA
 
 DISTID = "0001-0002-0003-0004-0005-0006-0007-0008"
 KEY = "harness-rs-key"
@@ -267,6 +272,14 @@ async def test_rolled_back_configure_and_refused_authentication(tmp_path):
         assert result["transaction_result"] == 414
         assert "414" in result["last_error"]
         assert device.configs[1] == b"hostname harness-sa\n"  # rolled back on the device
+
+        async def confirmed_again():
+            confirmations = [r for r in device.received if r.operation == "push-confirmation"]
+            return len(confirmations) == 2 and (await rs.call("sa.status", DISTID))["confirmed"]
+
+        # The configure made the device confirm again (§7.3): let that finish, or the order
+        # below waits for a confirmation the rotated key would refuse, and is never tried.
+        await until(confirmed_again, what="the device's confirmation after the configure")
         # The device now holds another key than the RS gave armsproxy: it answers 401.
         device.key = "rotated-on-the-device"
         refused = await rs.call("push.submit", {"distribution_id": DISTID,
@@ -278,3 +291,48 @@ async def test_rolled_back_configure_and_refused_authentication(tmp_path):
         if device is not None:
             await device.close()
         await top.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_order_for_a_device_not_confirmed_yet_waits_for_it(tmp_path):
+    """Submitted before the device ever confirmed: queued and untried, saying what it waits
+    for; once the device pulls and confirms it goes out at once, as its first attempt."""
+    top, cfg, url, rs = await start_proxy(tmp_path)
+    device = None
+    try:
+        await until(lambda: _answers(rs), what="the RS gate to listen")
+        op = await rs.call("push.submit", {"distribution_id": DISTID,
+                                           "operation": "read-module-list", "params": {}})
+
+        async def status():
+            return await rs.call("push.status", op)
+
+        await until(lambda: _has(status(), "waiting_for"), what="the order to wait")
+        await task.deferLater(reactor, 1.0, lambda: None)  # a tick or two: still untried
+        waiting = await status()
+        assert (waiting["state"], waiting["attempts"]) == ("queued", 0), waiting
+        assert waiting["waiting_for"] == "the SA to confirm a push method"
+        device = await pulled_device(cfg, url)
+
+        async def finished():
+            return (await status())["state"] not in ("queued", "sending")
+
+        await until(finished, what="the order to go once the device confirmed")
+        done = await status()
+        assert (done["state"], done["attempts"]) == ("succeeded", 1), done
+        assert "waiting_for" not in done
+    finally:
+        if device is not None:
+            await device.close()
+        await top.stopService()
+
+
+async def _has(struct, member: str) -> bool:
+    return member in await struct
+
+
+async def _answers(rs: RS) -> bool:
+    try:
+        return await rs.call("arms.interface_version") == "1.0"
+    except OSError:
+        return False

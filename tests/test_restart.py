@@ -25,9 +25,14 @@ from twisted.internet import reactor, task, threads
 
 from armsproxy import pki as pki_mod
 from armsproxy.demo_rs import cli as demo_cli
-from armsproxy.tools.sadevice import DeviceBehaviour, DeviceModule, SimulatedDevice
-from armsproxy.tools.sasim import SimulatedSA
-from armsproxy.tools.satunnel import SimulatedTunnelDevice, TunnelBehaviour
+from armsproxy.device import (
+    DeviceBehaviour,
+    DeviceModule,
+    SimulatedDevice,
+    SimulatedSA,
+    SimulatedTunnelDevice,
+    TunnelBehaviour,
+)
 
 ROOT = Path(__file__).parent.parent
 DISTID = "0001-0002-0003-0004-0005-0006-0007-0008"

@@ -20,6 +20,12 @@ from twisted.internet import reactor, task, threads
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory, Protocol
 
+from armsproxy.device import (
+    UPSTREAM_TLS_VERSION,
+    SimulatedDevice,
+    SimulatedSA,
+    SimulatedTunnelDevice,
+)
 from armsproxy.push import PushTLSError, SAPushClient
 from armsproxy.tls import (
     HANDSHAKE_FAILURE_REASONS,
@@ -28,9 +34,6 @@ from armsproxy.tls import (
     ssl_failure_reason,
     tls_listener,
 )
-from armsproxy.tools.sadevice import SimulatedDevice
-from armsproxy.tools.sasim import UPSTREAM_TLS_VERSION, SimulatedSA
-from armsproxy.tools.satunnel import SimulatedTunnelDevice
 
 DISTID = "0001-0002-0003-0004-0005-0006-0007-0008"
 KEY = "harness-rs-key"

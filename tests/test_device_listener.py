@@ -28,9 +28,9 @@ from twisted.internet.task import deferLater
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from zope.interface import implementer
 
-from armsproxy.tools import sasim
-from armsproxy.tools.sadevice import DeviceBehaviour, DeviceModule, SimulatedDevice
-from armsproxy.tools.sasim import SAConnectionCreator
+from armsproxy.device import client as device_client
+from armsproxy.device.client import SAConnectionCreator
+from armsproxy.device.listener import DeviceBehaviour, DeviceModule, SimulatedDevice
 
 VECTORS = pathlib.Path(__file__).resolve().parent / "vectors"
 DISTID = "0001-0002-0003-0004-0005-0006-0007-0008"
@@ -381,7 +381,7 @@ async def test_capture_walk(pki, make_device, done_server):
         assert seen.peer_der == der(pki.sa)  # the done presents the sa-certificate
         await until(lambda: len(device.dones) == ndone)  # the device has judged the answer
         record = device.dones[ndone - 1]
-        assert record.outcome == sasim.SUCCESS and record.verdict.ok
+        assert record.outcome == device_client.SUCCESS and record.verdict.ok
         assert record.request == seen.raw
         return tid
 
@@ -688,7 +688,7 @@ async def test_done_before_start_answer(pki, make_device, done_server, first):
     assert events == (["done", "start-answer"] if first else ["start-answer", "done"])
     assert done_server.requests[0].transaction_id == arms_answer(pushed.data)[2]
     await until(lambda: device.dones)
-    assert device.dones[0].outcome == sasim.SUCCESS
+    assert device.dones[0].outcome == device_client.SUCCESS
 
 
 @pytest.mark.parametrize("code", [302, 406])
@@ -729,7 +729,8 @@ async def test_done_without_any_result_url_is_lost(pki, make_device, done_server
     assert arms_answer(pushed.data)[1] == 100
     await device.close()
     [record] = device.dones
-    assert record.url is None and record.outcome == sasim.DONE_LOST and record.request == b""
+    assert record.url is None and record.outcome == device_client.DONE_LOST
+    assert record.request == b""
     assert done_server.requests == []
 
 
@@ -774,7 +775,7 @@ async def test_rejected_configure_done_rolls_back_and_reports_414(pki, make_devi
         vector("simple-errors/14-configure-done.request.txt")
     )
     await reconfirmed  # a 1xx answer to the 414 done ends it: confirm again
-    assert [d.outcome for d in device.dones] == [sasim.ROLLBACK, sasim.SUCCESS]
+    assert [d.outcome for d in device.dones] == [device_client.ROLLBACK, device_client.SUCCESS]
     assert device.modules == [MODULE] and device.configs == {1: CONFIG.encode()}
     assert device.rollbacks == 1
 
@@ -791,7 +792,7 @@ async def test_unreadable_configure_done_answer_sends_the_same_done(pki, make_de
     first, second = await done_server.wait(2)
     assert first.raw == second.raw  # the same done, unchanged
     await reconfirmed
-    assert [d.outcome for d in device.dones] == [sasim.RESEND, sasim.SUCCESS]
+    assert [d.outcome for d in device.dones] == [device_client.RESEND, device_client.SUCCESS]
     assert device.modules == [DeviceModule(1, "1.0.1", "harness-module")]
 
 
@@ -802,8 +803,8 @@ async def test_configure_done_never_readable_ends_in_re_pull(pki, make_device, d
     await push(pki, port, with_result_url(CONFIGURE, done_server.url))
     await device.close()
     assert [d.transaction_result for d in device.dones] == [100, 100, 414, 414]
-    assert [d.outcome for d in device.dones] == [sasim.RESEND] * 4
-    assert device.exit_reason == sasim.REPULL and device.modules == [MODULE]
+    assert [d.outcome for d in device.dones] == [device_client.RESEND] * 4
+    assert device.exit_reason == device_client.REPULL and device.modules == [MODULE]
 
 
 @pytest_twisted.ensureDeferred
@@ -841,7 +842,7 @@ async def test_configure_results(
     await done_server.wait(1)
     await device.close()
     assert [d.transaction_result for d in device.dones] == [result]
-    assert device.dones[0].outcome == (sasim.REBOOT if rebooted else sasim.SUCCESS)
+    assert device.dones[0].outcome == (device_client.REBOOT if rebooted else device_client.SUCCESS)
     assert device.modules == modules
     assert (device.listener_restarts, device.rebooted) == (reconfirms, rebooted)
 
@@ -880,4 +881,4 @@ async def test_pull_config_ls_forgets_the_result_url(pki, make_device, done_serv
         None,
         "<pull-config-response></pull-config-response>",
     )
-    assert device.result_url is None and device.exit_reason == sasim.REPULL
+    assert device.result_url is None and device.exit_reason == device_client.REPULL

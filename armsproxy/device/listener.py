@@ -1,10 +1,10 @@
 """Simulated SA device: the https-simple listener of a libarms 5.33 SA and its done-requests.
 
-sasim's SimulatedSA is the device as a client; this is the half a proxy pushes to. It receives
+client's SimulatedSA is the device as a client; this is the half a proxy pushes to. It receives
 pushes with every quirk of the SA's listener (§2.1, §2.5, §2.6), reads them the way the SA's
 schema walker does (§3.1-§3.4, §7.0), runs the operations (§7.1-§7.14) and sends `*-done`
 requests through SimulatedSA, reacting to their answers like the device (§6.5, §10.2). Like
-sasim it shares no code with the proxy: a proxy that passes against this device but not
+the client it shares no code with the proxy: a proxy that passes against this device but not
 against a real one means this file is wrong. Answers are byte-for-byte those of the captures in
 tests/vectors/simple*/ (apart from random transaction ids).
 """
@@ -38,7 +38,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from armsproxy.tools.sasim import (
+from .client import (
     DEFAULT_DESCRIPTION,
     DONE_LOST,
     REBOOT,
@@ -267,7 +267,7 @@ class DoneRecord:
     url: str | None
     attempt: int
     sent_at: float
-    outcome: str = DONE_LOST  # sasim outcome: success, done-lost, rollback, resend, re-pull, ...
+    outcome: str = DONE_LOST  # client outcome: success, done-lost, rollback, resend, re-pull, ...
     request: bytes = b""
     answer: bytes = b""
     verdict: DeviceVerdict | None = None
@@ -693,7 +693,7 @@ class _PushConnection(Protocol):
 
     def _expired(self) -> None:
         self._timer = None
-        log.info("sadevice: {state} timed out, closing", state=self.state)
+        log.info("device listener: {state} timed out, closing", state=self.state)
         self.transport.abortConnection()
 
     def _cancel_timer(self) -> None:
@@ -748,6 +748,11 @@ def _fire(d: defer.Deferred[None] | None) -> None:
 
 
 ReconfirmHook = Callable[["SimulatedDevice"], "Awaitable[object] | object"]
+#: `on_event(kind, what)`, so that a user (``serve``) can show what the device receives as it
+#: happens: "push" with the ReceivedPush once answered or dropped, "done" with the DoneRecord
+#: once judged, "confirmed" with the Confirmation, "exit" with the reason (reboot, re-pull,
+#: stop) where the real SA leaves its event loop. The tunnel device adds its own kinds.
+EventHook = Callable[[str, Any], None]
 
 
 class SimulatedDevice:
@@ -816,6 +821,7 @@ class SimulatedDevice:
         )
         self._rng = random.Random(seed)
         self.on_reconfirm: ReconfirmHook | None = None
+        self.on_event: EventHook | None = None
 
         self.received: list[ReceivedPush] = []
         self.rejected: list[RejectedConnection] = []
@@ -878,12 +884,19 @@ class SimulatedDevice:
             host = f"[{host}]"
         return f"https://{host}:{self._port_number}/"
 
-    async def close(self) -> None:
-        """Stop listening, wait for every pending answer and done-request, drop idle peers."""
+    async def close(self, grace: float = 0.0) -> None:
+        """Stop listening, wait for every pending answer and done-request, drop idle peers.
+
+        `grace`: seconds connections get to end by themselves first, so that an answer just
+        written (a reboot's) reaches the pusher before the device goes away.
+        """
         self._closing = True
         await self._stop_listening()
         while self._pending:
             await defer.DeferredList(list(self._pending), consumeErrors=True)
+        deadline = self.reactor.seconds() + grace
+        while self._connections and self.reactor.seconds() < deadline:
+            await self._sleep(0.02)
         for conn in list(self._connections):
             conn.abort()
 
@@ -894,7 +907,7 @@ class SimulatedDevice:
             try:
                 parse_url(url)
             except ValueError as exc:
-                log.info("sadevice: skipping rs-pull-server-url: {exc}", exc=exc)
+                log.info("device listener: skipping rs-pull-server-url: {exc}", exc=exc)
                 continue
             targets.append(url)
         deferreds = [
@@ -919,8 +932,9 @@ class SimulatedDevice:
         )
         self.received.append(record)
         if self.behaviour.drop_without_answer:
-            log.info("sadevice: dropping {type} without answer", type=record.type)
+            log.info("device listener: dropping {type} without answer", type=record.type)
             conn.drop()
+            self._report("push", record)
             return
         if request.status != 200:
             answer = _Answer(request.status, [_http_head(request.status, request.chunked)])
@@ -934,7 +948,7 @@ class SimulatedDevice:
         record.result_code = answer.result_code
         record.transaction_id = answer.transaction_id
         log.info(
-            "sadevice: {type} -> HTTP {status} result {code}",
+            "device listener: {type} -> HTTP {status} result {code}",
             type=record.type,
             status=answer.status,
             code=answer.result_code,
@@ -952,6 +966,7 @@ class SimulatedDevice:
         if conn.write_answer(answer.pieces):
             record.answer = b"".join(answer.pieces)
             record.answered_at = self.reactor.seconds()
+        self._report("push", record)
         if txn is not None:
             self._track(defer.ensureDeferred(self._execute(txn, None)))
 
@@ -1009,6 +1024,7 @@ class SimulatedDevice:
         self.confirmation_id = parsed.confirmation_id
         self.confirmed_at = now
         self.confirmations.append(Confirmation(parsed.confirmation_id, now))
+        self._report("confirmed", self.confirmations[-1])
         return _OpResult(100)
 
     def _op_check_transaction(self, parsed: _Parsed) -> _OpResult:
@@ -1291,8 +1307,9 @@ class SimulatedDevice:
                 record.error = exchange.error
                 record.answered_at = self.reactor.seconds()
         self.dones.append(record)
+        self._report("done", record)
         log.info(
-            "sadevice: {kind} {tid} (result {result}, attempt {attempt}) -> {outcome}",
+            "device listener: {kind} {tid} (result {result}, attempt {attempt}) -> {outcome}",
             kind=record.kind,
             tid=txn.id,
             result=transaction_result,
@@ -1329,6 +1346,17 @@ class SimulatedDevice:
         self.exit_reason = reason
         if reason == REBOOT:
             self.rebooted = True
+        self._report("exit", reason)
+
+    def _report(self, kind: str, what: object) -> None:
+        """Tell `on_event`; its failure is the hook's bug, never the device's."""
+        hook = self.on_event
+        if hook is None:
+            return
+        try:
+            hook(kind, what)
+        except Exception:
+            log.failure("device: on_event hook failed on {kind}", kind=kind)
 
     async def _sleep(self, delay: float) -> None:
         if delay > 0:
@@ -1341,6 +1369,6 @@ class SimulatedDevice:
             self._pending.discard(d)
             if isinstance(result, Failure):
                 self.errors.append(result)
-                log.failure("sadevice: task failed", result)
+                log.failure("device listener: task failed", result)
 
         d.addBoth(finished)

@@ -1,13 +1,13 @@
 """Simulated SA device in https-tunnel push mode: the tunnels a libarms 5.33 SA holds (§8, §9).
 
-sadevice's SimulatedDevice is the device pushed to over https-simple; this is the same device
+listener's SimulatedDevice is the device pushed to over https-simple; this is the same device
 (same request reading, same answers, same operations: it *is* a SimulatedDevice) reached through
-tunnels it opens itself. It opens one tunnel per https-tunnel-url over TLS like the SA (sasim's
+tunnels it opens itself. It opens one tunnel per https-tunnel-url over TLS like the SA (client's
 SAConnectionCreator), writes the SA's bytes (open header, chunk messages in the SA's chunk
 splits with header, data and CRLF as separate writes, echo requests), reads the proxy's chunks
 as strictly as libarms does (§9.1, §9.5, §9.6) and reacts to failures like the device: drop
 the TCP connection without a zero chunk and reconnect after rs-retry-interval (§9.5, §9.8),
-around a configure too (§9.9). Like sasim and sadevice it shares no code with the proxy.
+around a configure too (§9.9). Like client and listener it shares no code with the proxy.
 
 Everything the proxy did that a real SA would mis-read or reject ends up in `problems`.
 """
@@ -29,22 +29,10 @@ from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from armsproxy.tools.sadevice import (
-    XML_DECLARATION,
-    Confirmation,
-    DeviceBehaviour,
-    DeviceModule,
-    DoneRecord,
-    SimulatedDevice,
-    _Answer,
-    _arms_pieces,
-    _OpResult,
-    _Parsed,
-    _Txn,
-)
-from armsproxy.tools.sasim import (
+from .client import (
     DEFAULT_DESCRIPTION,
     DONE_LOST,
+    REBOOT,
     REPULL,
     RESEND,
     RESPONSE_TIMEOUT,
@@ -57,6 +45,19 @@ from armsproxy.tools.sasim import (
     judge_response,
     negotiated_tls_version,
     parse_url,
+)
+from .listener import (
+    XML_DECLARATION,
+    Confirmation,
+    DeviceBehaviour,
+    DeviceModule,
+    DoneRecord,
+    SimulatedDevice,
+    _Answer,
+    _arms_pieces,
+    _OpResult,
+    _Parsed,
+    _Txn,
 )
 
 __all__ = [
@@ -231,7 +232,7 @@ def _cut(data: bytes, size: int) -> list[bytes]:
 
 
 def _unframe(piece: bytes) -> bytes:
-    """The data of one `size\\r\\ndata\\r\\n` chunk as sasim frames it."""
+    """The data of one `size\\r\\ndata\\r\\n` chunk as the client frames it."""
     head, _, rest = piece.partition(b"\r\n")
     return rest[: int(head.split(b";")[0], 16)]
 
@@ -452,7 +453,7 @@ class _Tunnel(Protocol):
         self.closing = self.conn.close_reason = reason
         self._disarm()
         log.info(
-            "satunnel: {url}#{n} dropped: {reason}",
+            "device tunnel: {url}#{n} dropped: {reason}",
             url=self.slot.url,
             n=self.conn.number,
             reason=reason,
@@ -756,7 +757,8 @@ class _Tunnel(Protocol):
         slot.record.confirmed = True
         slot.ever_confirmed = True
         slot.failures = 0
-        log.info("satunnel: {url}#{n} confirmed", url=slot.url, n=self.conn.number)
+        log.info("device tunnel: {url}#{n} confirmed", url=slot.url, n=self.conn.number)
+        self.device._report("confirmed", confirmation)
         self.device._notify()
 
 
@@ -920,7 +922,8 @@ class SimulatedTunnelDevice(SimulatedDevice):
             self._notify_call.cancel()
         self._flush_waiters()
 
-    async def close(self) -> None:
+    async def close(self, grace: float = 0.0) -> None:
+        """stop(), which already waits for the proxy to see each tunnel end."""
         await self.stop()
 
     async def listen(self, port: int = 0, interface: str = "127.0.0.1") -> int:
@@ -985,6 +988,7 @@ class SimulatedTunnelDevice(SimulatedDevice):
         slot.record.connected = True
         _fire(slot.first_attempt, True)
         tunnel.start_echoes()
+        self._report("tunnel-open", tunnel.conn)
         if slot.configure is not None and slot.open_waiters:
             tunnel.phase = "configure"  # configure-done first, before any confirmation (§9.1)
             slot.release_waiters(tunnel)
@@ -994,6 +998,7 @@ class SimulatedTunnelDevice(SimulatedDevice):
 
     def _tunnel_lost(self, tunnel: _Tunnel) -> None:
         slot = tunnel.slot
+        self._report("tunnel-closed", tunnel.conn)
         if slot.tunnel is tunnel:
             slot.tunnel = None
             slot.record.connected = slot.record.confirmed = False
@@ -1007,7 +1012,9 @@ class SimulatedTunnelDevice(SimulatedDevice):
                 # All non-configure transactions on a dropped tunnel are discarded (§6.5).
                 self.transactions.pop(tid, None)
                 log.info(
-                    "satunnel: {op} {tid} discarded with its tunnel", op=held.txn.operation, tid=tid
+                    "device tunnel: {op} {tid} discarded with its tunnel",
+                    op=held.txn.operation,
+                    tid=tid,
                 )
         self._after_close(slot)
 
@@ -1022,7 +1029,7 @@ class SimulatedTunnelDevice(SimulatedDevice):
             slot.failures += 1
             if slot.failures > self.behaviour.retry_max:
                 slot.record.gave_up = True
-                log.info("satunnel: giving up on {url}", url=slot.url)
+                log.info("device tunnel: giving up on {url}", url=slot.url)
                 return
         slot.reconnect_call = self.reactor.callLater(self.retry_interval, self._connect, slot)
 
@@ -1037,6 +1044,8 @@ class SimulatedTunnelDevice(SimulatedDevice):
 
     def _shutdown(self) -> None:
         """The SA leaves its event loop (reboot, re-pull, stop): every tunnel ends (§7.13)."""
+        if not self._exited:
+            self._report("exit", self.exit_reason)
         self._exited = True
         self._exit_pending = False
         for slot in self._slots:
@@ -1049,7 +1058,10 @@ class SimulatedTunnelDevice(SimulatedDevice):
         self._notify()
 
     def _exit(self, reason: str) -> None:
-        super()._exit(reason)
+        # Reported by _shutdown, once the answer is written and the tunnels end.
+        self.exit_reason = reason
+        if reason == REBOOT:
+            self.rebooted = True
         self._exit_pending = True
 
     # -- messages ----------------------------------------------------------------------------
@@ -1072,7 +1084,9 @@ class SimulatedTunnelDevice(SimulatedDevice):
             transaction_id=answer.transaction_id,
         )
         self.received.append(record)
-        log.info("satunnel: {type} -> result {code}", type=record.type, code=answer.result_code)
+        log.info(
+            "device tunnel: {type} -> result {code}", type=record.type, code=answer.result_code
+        )
         txn = answer.txn
         if txn is not None:
             tunnel.txns[txn.id] = _TunnelTxn(txn)
@@ -1080,6 +1094,7 @@ class SimulatedTunnelDevice(SimulatedDevice):
             if txn is not None:
                 tunnel.txns.pop(txn.id, None)
                 self.transactions.pop(txn.id, None)
+            self._report("push", record)
             self._notify()
             return
         chunks = self._answer_chunks(answer)
@@ -1133,7 +1148,8 @@ class SimulatedTunnelDevice(SimulatedDevice):
         behaviour = self.behaviour
         await self._sleep(max(behaviour.answer_delay, behaviour.start_answer_delay))
         if not tunnel.open:
-            log.info("satunnel: tunnel gone before the {type} answer", type=record.type)
+            log.info("device tunnel: tunnel gone before the {type} answer", type=record.type)
+            self._report("push", record)
             if txn is not None and not early:
                 tunnel.txns.pop(txn.id, None)
                 self.transactions.pop(txn.id, None)
@@ -1143,6 +1159,7 @@ class SimulatedTunnelDevice(SimulatedDevice):
         record.answer = tunnel.write_message(chunks)
         record.answer_chunks = list(chunks)
         record.answered_at = self.reactor.seconds()
+        self._report("push", record)
         self._notify()
         if exiting:
             self._shutdown()
@@ -1184,7 +1201,7 @@ class SimulatedTunnelDevice(SimulatedDevice):
             self.transactions.pop(txn.id, None)
 
     def _done_chunks(self, url: str, txn: _Txn, result: int, pieces: Sequence[str]) -> list[bytes]:
-        """sasim's done-request in its chunk splits (§2.3), as tunnel chunks (§9.3)."""
+        """The client's done-request in its chunk splits (§2.3), as tunnel chunks (§9.3)."""
         request = self.sa.build_done_request(
             url,
             txn.operation,
@@ -1239,8 +1256,9 @@ class SimulatedTunnelDevice(SimulatedDevice):
             record.answered_at = self.reactor.seconds()
             record.verdict = self._judge(kind, chunk.segments, result)
         record.outcome = record.verdict.outcome
+        self._report("done", record)
         log.info(
-            "satunnel: {kind} {tid} (result {result}, attempt {attempt}) -> {outcome}",
+            "device tunnel: {kind} {tid} (result {result}, attempt {attempt}) -> {outcome}",
             kind=kind,
             tid=txn.id,
             result=result,
@@ -1326,7 +1344,7 @@ class SimulatedTunnelDevice(SimulatedDevice):
     def _judge(
         kind: str, segments: Sequence[bytes], transaction_result: int | None = None
     ) -> DeviceVerdict:
-        """sasim's judgement of an answer that came as chunk data instead of an HTTP body;
+        """The client's judgement of an answer that came as chunk data instead of an HTTP body;
         `segments` are the SA's reads of it (single-shot parsers see the first only)."""
         data = b"".join(segments)
         head = b"HTTP/1.1 200 OK\r\nContent-Type: text/xml\r\nContent-Length: %d\r\n\r\n" % len(
@@ -1344,7 +1362,7 @@ class SimulatedTunnelDevice(SimulatedDevice):
     def _problem(self, tunnel: _Tunnel, text: str) -> None:
         entry = f"{tunnel.slot.url}#{tunnel.conn.number}: {text}"
         self.problems.append(entry)
-        log.warn("satunnel: {entry}", entry=entry)
+        log.warn("device tunnel: {entry}", entry=entry)
 
     def _notify(self) -> None:
         """Wake wait_until() callers, from a fresh reactor turn (never inside a callback)."""
@@ -1365,7 +1383,7 @@ class SimulatedTunnelDevice(SimulatedDevice):
             self._pending.discard(d)
             if isinstance(result, Failure) and not result.check(defer.CancelledError):
                 self.errors.append(result)
-                log.failure("satunnel: task failed", result)
+                log.failure("device tunnel: task failed", result)
 
         d.addBoth(finished)
 

@@ -23,8 +23,8 @@ from twisted.internet.utils import getProcessOutputAndValue
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from zope.interface import implementer
 
-from armsproxy.tools import sasim
-from armsproxy.tools.sasim import SimulatedSA, judge_response
+from armsproxy.device import client as device_client
+from armsproxy.device.client import SimulatedSA, judge_response
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 VECTORS = ROOT / "tests" / "vectors"
@@ -741,7 +741,7 @@ async def test_connection_refused_is_a_failed_attempt(pki):
 
 def by_type(answers):
     def answer(request):
-        kind = sasim.infer_kind(request)
+        kind = device_client.infer_kind(request)
         return answers[kind]
 
     return answer
@@ -750,7 +750,7 @@ def by_type(answers):
 async def run_cli(args):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     out, err, code = await getProcessOutputAndValue(
-        sys.executable, ["-m", "armsproxy.tools.sasim", *args], env=env, path=str(ROOT)
+        sys.executable, ["-m", "armsproxy.device.client", *args], env=env, path=str(ROOT)
     )
     return out.decode(), err.decode(), code
 
@@ -784,6 +784,6 @@ async def test_cli_sequence(pki, serve, tmp_path):
 def test_cli_rejects_unknown_command():
     # main() runs its own reactor, so only argument handling is tested in-process.
     with pytest.raises(SystemExit):
-        sasim.main(
+        device_client.main(
             ["--url", "https://127.0.0.1/", "--distid", DISTID, "--key", KEY, "--ca", "x", "dance"]
         )

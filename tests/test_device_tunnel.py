@@ -25,9 +25,9 @@ from twisted.internet.task import deferLater
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from zope.interface import implementer
 
-from armsproxy.tools import sasim
-from armsproxy.tools.sadevice import DeviceModule
-from armsproxy.tools.satunnel import (
+from armsproxy.device import client as device_client
+from armsproxy.device.listener import DeviceModule
+from armsproxy.device.tunnel import (
     ECHO_REQUEST,
     ZERO_CHUNK,
     SimulatedTunnelDevice,
@@ -422,7 +422,7 @@ async def test_capture_walk(pki, make_proxy, make_device):
         assert done_msg.at >= answer.at  # on the same tunnel, after the start answer
         await device.wait_until(lambda: device.dones[-1].outcome != "pending")
         done_record = device.dones[-1]
-        assert done_record.outcome == sasim.SUCCESS and done_record.verdict.ok
+        assert done_record.outcome == device_client.SUCCESS and done_record.verdict.ok
         assert done_record.request == done_msg.raw and done_record.transaction_id == tid
         return tid
 
@@ -478,7 +478,7 @@ async def test_capture_walk(pki, make_proxy, make_device):
     assert b"".join(new.reads[reads_before:]).endswith(
         answer.raw + vector("34-tunnel-last-chunk.message.txt")
     )
-    assert device.rebooted and device.exit_reason == sasim.REBOOT
+    assert device.rebooted and device.exit_reason == device_client.REBOOT
     await sleep(0.3)
     assert len(proxy.conns) == 2  # the device left its event loop: no reconnect
     assert [p.type for p in device.received] == [
@@ -580,7 +580,7 @@ async def test_configure_done_refused_rolls_back_with_414(make_proxy, make_devic
     assert number("transaction-result", done.data) == 414
     assert number("transaction-id", done.data) == tid
     await device.ready(5)
-    assert [d.outcome for d in device.dones] == [sasim.ROLLBACK, sasim.SUCCESS]
+    assert [d.outcome for d in device.dones] == [device_client.ROLLBACK, device_client.SUCCESS]
     assert device.rollbacks == 1
     assert device.modules == [MODULE] and device.configs == {1: CONFIG.encode()}
     assert device.reconnects == 2 and device.problems == []
@@ -605,7 +605,7 @@ async def test_done_answer_without_transaction_id_is_a_new_request(make_proxy, m
     proxy.done_tid = True
     conn.send(proxy.done_answer(done))
     await device.wait_until(lambda: device.dones[-1].outcome != "pending")
-    assert device.dones[-1].outcome == sasim.SUCCESS
+    assert device.dones[-1].outcome == device_client.SUCCESS
     assert not device.transactions and not conn.closed
 
 

@@ -1,9 +1,12 @@
-"""SA simulator: the device (libarms 5.33 service adapter) side of the ARMS protocol.
+"""The simulated device as a client: a libarms 5.33 service adapter's (SA's) pulls and dones.
 
-Tests and benchmarks drive armsproxy with it, so it deliberately does not share code with the
-proxy: it writes the bytes a real SA writes (§2.3, §3.2, §6) over real TLS the way the SA sets
-TLS up (§2.1), and judges each answer exactly as strictly as the SA does (§2.4, §3.1, §10.2).
-A proxy that passes against this simulator but not against a device means this file is wrong.
+Tests, benchmarks and the quick start drive armsproxy with it, so it deliberately does not
+share code with the proxy: it writes the bytes a real SA writes (§2.3, §3.2, §6) over real TLS
+the way the SA sets TLS up (§2.1), and judges each answer exactly as strictly as the SA does
+(§2.4, §3.1, §10.2). A proxy that passes against this simulator but not against a device means
+this file is wrong. ``listener`` is the device's https-simple push side, ``tunnel`` its
+https-tunnels, ``serve`` the three together as one long-running device
+(``armsproxy-sasim serve``).
 """
 
 from __future__ import annotations
@@ -66,7 +69,8 @@ _SINGLE_CHUNK_DONE = frozenset({"ping", "configure"})
 
 _OPENSSL_CERT_NOT_YET_VALID = 9
 _OPENSSL_CERT_HAS_EXPIRED = 10
-_TLS_VERSIONS = {
+#: The --tls-min/--tls-max choices.
+TLS_VERSIONS = {
     "1.0": SSL.TLS1_VERSION,
     "1.1": SSL.TLS1_1_VERSION,
     "1.2": SSL.TLS1_2_VERSION,
@@ -246,7 +250,13 @@ class DeviceVerdict:
     transaction_id: int | None = None
     push_methods: list[str] = field(default_factory=list)
     https_tunnel_urls: list[str] = field(default_factory=list)
+    https_tunnel_echo_interval: int | None = None
     rs_pull_server_urls: list[str] = field(default_factory=list)
+    # What a config-solicitation answer handed the device (the last of each, as the SA keeps):
+    sa_certificate: bytes | None = None  # PEM
+    sa_private_key: bytes | None = None  # PEM
+    modules: list[tuple[int, str, str]] = field(default_factory=list)  # (id, version, location)
+    md_configs: list[tuple[int, bytes]] = field(default_factory=list)  # (module id, data)
 
     @property
     def ok(self) -> bool:
@@ -793,6 +803,28 @@ def _check_config_solicitation(walk: _Walk, v: DeviceVerdict, fatal: list[str]) 
         ):
             p.append("sa-private-key does not match sa-certificate")
 
+    if cert_obj is not None and key_obj is not None:
+        v.sa_certificate = cert[-1].text.encode("ascii")
+        v.sa_private_key = key[-1].text.encode("ascii")
+    after_config = False
+    for elem in items:
+        ident = _parse_id(elem.attrs.get("id", ""))
+        if ident is None:
+            continue
+        if elem.path[-1] == "module":
+            if after_config:  # a module after an md-config starts a new module list
+                v.modules, v.md_configs, after_config = [], [], False
+            v.modules.append((ident, elem.attrs.get("version", ""), elem.text))
+            continue
+        after_config = True
+        if elem.attrs.get("encoding") == "base64":
+            try:
+                v.md_configs.append((ident, base64.b64decode(elem.text)))
+            except ValueError:
+                pass  # already a fatal problem above
+        else:
+            v.md_configs.append((ident, elem.text.encode("utf-8")))
+
     v.rs_pull_server_urls = [e.text for e in walk.closed((*_CSR, "rs-pull-server-url"))]
     if not v.rs_pull_server_urls:
         p.append("no rs-pull-server-url: the SA cannot run push-method-query")
@@ -816,7 +848,7 @@ def _check_push_method_query(walk: _Walk, v: DeviceVerdict, fatal: list[str]) ->
     if v.result_code is not None and v.result_code <= 199 and not usable:
         v.problems.append("no usable push-method: the SA's event loop returns re-pull")
     for echo in walk.closed((*_PMR, "https-tunnel-echo-interval")):
-        _integer(echo.text, "https-tunnel-echo-interval", v.problems)
+        v.https_tunnel_echo_interval = _integer(echo.text, "https-tunnel-echo-interval", v.problems)
 
 
 def _check_push_confirmation_start(walk: _Walk, v: DeviceVerdict, fatal: list[str]) -> None:
@@ -1344,7 +1376,7 @@ class SimulatedSA:
                 body = _dechunk(body)[0]
         elapsed = clock.seconds() - started
         log.debug(
-            "sasim {kind} -> {outcome} in {elapsed:.3f}s",
+            "device client: {kind} -> {outcome} in {elapsed:.3f}s",
             kind=request.kind,
             outcome=verdict.outcome,
             elapsed=elapsed,
@@ -1383,12 +1415,21 @@ def _is_clean_close(reason: Failure) -> bool:
 # --------------------------------------------------------------------------------------------
 
 
+COMMANDS = ("pull", "query", "confirm", "sequence", "serve")
+
+
 def _arg_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="armsproxy-sasim",
-        description="Simulated libarms 5.33 SA: send pull-type requests and judge the answers.",
+        description=(
+            "Simulated libarms 5.33 SA. pull, query, confirm, sequence: send pull-type requests "
+            "and judge the answers (exit 0 only if every answer was good). serve: pull, "
+            "confirm, then serve pushes (https-simple listener, or --tunnel) and send "
+            "done-requests until SIGINT/SIGTERM, one line per thing received."
+        ),
     )
-    parser.add_argument("--url", required=True, help="https://IP[:port]/path")
+    parser.add_argument("command", choices=COMMANDS)
+    parser.add_argument("--url", required=True, help="the pull URL: https://IP[:port]/path")
     parser.add_argument("--distid", required=True)
     parser.add_argument("--key", required=True, help="the RS pre-shared key")
     parser.add_argument("--ca", required=True, metavar="FILE", help="the one trusted CA (PEM)")
@@ -1401,10 +1442,34 @@ def _arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--method", default="https-simple")
     parser.add_argument("--push-endpoint", default="https://127.0.0.1:10443/")
     parser.add_argument("--timeout", type=float, default=RESPONSE_TIMEOUT)
-    parser.add_argument("--tls-min", choices=sorted(_TLS_VERSIONS))
-    parser.add_argument("--tls-max", choices=sorted(_TLS_VERSIONS))
+    parser.add_argument("--tls-min", choices=sorted(TLS_VERSIONS))
+    parser.add_argument("--tls-max", choices=sorted(TLS_VERSIONS))
     parser.add_argument("-v", "--verbose", action="store_true", help="print the raw answers")
-    parser.add_argument("command", choices=["pull", "query", "confirm", "sequence"])
+    serve = parser.add_argument_group("serve")
+    serve.add_argument(
+        "--listen",
+        default="127.0.0.1:10443",
+        metavar="IP:PORT",
+        help="https-simple: where the device listens for pushes, reported to the proxy as its "
+        "push-endpoint https://IP:PORT/ (default 127.0.0.1:10443; [IPv6]:PORT)",
+    )
+    serve.add_argument(
+        "--tunnel", action="store_true", help="https-tunnel instead of an https-simple listener"
+    )
+    serve.add_argument(
+        "--retry-interval",
+        type=float,
+        default=3.0,
+        metavar="SECONDS",
+        help="between failed pulls, and before pulling again after a reboot or pull-config",
+    )
+    serve.add_argument(
+        "--retry-max",
+        type=int,
+        default=5,
+        metavar="N",
+        help="failed pull rounds in a row before giving up with exit 1 (0: never)",
+    )
     return parser
 
 
@@ -1425,8 +1490,8 @@ async def _run_cli(reactor: Any, args: argparse.Namespace, out: Any) -> int:
         client_key_pem=_read(args.cert_key),
         description=args.description,
         firmware_info=args.firmware_info or None,
-        tls_min_version=_TLS_VERSIONS.get(args.tls_min or ""),
-        tls_max_version=_TLS_VERSIONS.get(args.tls_max or ""),
+        tls_min_version=TLS_VERSIONS.get(args.tls_min or ""),
+        tls_max_version=TLS_VERSIONS.get(args.tls_max or ""),
         response_timeout=args.timeout,
     )
     methods = [m for m in args.methods.split(",") if m]
@@ -1458,8 +1523,16 @@ async def _run_cli(reactor: Any, args: argparse.Namespace, out: Any) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Console entry point `armsproxy-sasim`; exit 0 only if every answer was good."""
+    """Console entry point `armsproxy-sasim`.
+
+    pull, query, confirm, sequence: exit 0 only if every answer was good. serve: runs until
+    SIGINT/SIGTERM (exit 0) or until it cannot get the device confirmed (exit 1).
+    """
     args = _arg_parser().parse_args(argv)
+    if args.command == "serve":
+        from .serve import main_serve  # the device's three faces together
+
+        return main_serve(args)
     from twisted.internet import task
 
     code: list[int] = []
