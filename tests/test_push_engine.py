@@ -16,9 +16,15 @@ from twisted.internet import defer, task
 from armsproxy.arms import framing
 from armsproxy.arms.codec import parse_message
 from armsproxy.push.client import PushAnswer, PushNoAnswer, PushUnreachable
-from armsproxy.push.engine import OrderRejected, PushEngine, PushSettings
+from armsproxy.push.engine import (
+    WAIT_CONFIRMATION,
+    WAIT_TUNNEL,
+    OrderRejected,
+    PushEngine,
+    PushSettings,
+)
 from armsproxy.store.sqlite import SQLiteStore
-from armsproxy.tunnel import TunnelRegistry
+from armsproxy.tunnel import TunnelAnswer, TunnelRegistry
 
 VECTORS = Path(__file__).parent / "vectors" / "simple"
 DISTID = "0001-0002-0003-0004-0005-0006-0007-0008"
@@ -268,6 +274,29 @@ async def test_deadlines_expire_queued_and_started(store, sa, clock):
 
 
 @pytest_twisted.ensureDeferred
+async def test_one_deadline_scan_pages_through_everything_due(store, sa, clock, monkeypatch):
+    """Many deadlines passing at once are read a page at a time (memory stays flat), and one
+    scan still expires them all."""
+    from armsproxy.push import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "DEADLINE_PAGE", 3)
+    engine = make_engine(store, sa, clock)
+    pages = []
+    past_deadline = store.past_deadline
+
+    async def counted(now, limit=500):
+        pages.append(limit)
+        return await past_deadline(now, limit=limit)
+
+    monkeypatch.setattr(store, "past_deadline", counted)
+    ops = [(await engine.submit({"distribution_id": DISTID, "operation": "dump-debug",
+                                 "expires_in": 50}))[0] for _ in range(7)]
+    await engine._scan_deadlines(clock.seconds() + 60)
+    assert {(await store.get(op.operation_id)).state for op in ops} == {"expired"}
+    assert pages == [3, 3, 3]  # 3 + 3 + 1
+
+
+@pytest_twisted.ensureDeferred
 async def test_cancel_only_before_dispatch(store, sa, clock):
     engine = make_engine(store, sa, clock)
     op, _ = await engine.submit({"distribution_id": DISTID, "operation": "reboot"})
@@ -437,6 +466,225 @@ async def test_confirmation_failure_is_reported_after_the_window(store, sa, cloc
     assert "refused" in events[0].payload["error"]
     assert not (await store.sa_get(DISTID)).confirmed
     assert len(sa.calls) == 6  # nothing after the SA's 60 s window
+
+
+# -- orders for an SA that is not reachable wait for it (issue #10) ----------------------
+
+#: Default backoff before the 6th and last attempt: the old code gave up after about this.
+OLD_GIVE_UP = 5 + 10 + 20 + 40 + 80
+ENDPOINT = "https://127.0.0.1:18450/"
+
+
+async def running(engine: PushEngine, clock: task.Clock) -> PushEngine:
+    """Start the engine as twistd does (recovery, then its tick on the fake clock)."""
+    engine.startService()
+    await settle(engine, clock)
+    return engine
+
+
+async def long_wait(engine: PushEngine, clock: task.Clock) -> None:
+    """Twice the old give-up time, tick by tick."""
+    await settle(engine, clock, seconds=10, steps=2 * OLD_GIVE_UP // 10)
+
+
+def confirms(engine: PushEngine, sa: ScriptedSA, distid: str = DISTID,
+             endpoint: str = ENDPOINT) -> None:
+    """The SA runs a push confirmation that succeeds (armsproxy's done is answered 100)."""
+    sa.script.insert(0, answer_from("05-push-confirmation-done.response.txt"))
+    engine.confirmation_started(distid, "https-simple", endpoint, 9, "127.0.0.1:5")
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_order_for_an_unconfirmed_sa_waits_then_goes_when_it_confirms(
+        store, sa, clock):
+    engine = await running(make_engine(store, sa, clock), clock)
+    try:
+        op, _ = await engine.submit({"distribution_id": DISTID,
+                                     "operation": "read-module-list"})
+        await settle(engine, clock)
+        calls: list[str] = []
+        store.db_hook = calls.append
+        await long_wait(engine, clock)
+        waiting = await store.get(op.operation_id)
+        assert (waiting.state, waiting.attempts, waiting.waiting_for) == (
+            "queued", 0, WAIT_CONFIRMATION)
+        assert sa.calls == [] and await store.pending_events(10) == []
+        # Parked once: the ticks since neither wrote it nor loaded it.
+        assert "transition" not in calls and "update" not in calls
+        assert await store.next_dispatchable(clock.seconds(), 10) == []
+        sa.script.append(answer_from("18-read-module-list.response.txt"))
+        confirms(engine, sa)
+        await settle(engine, clock)  # at once: the clock does not move
+        done = await store.get(op.operation_id)
+        assert (done.state, done.attempts, done.waiting_for) == ("succeeded", 1, None)
+        assert b'type="read-module-list"' in sa.calls[1]["body"]
+        assert sa.calls[1]["url"] == ENDPOINT
+    finally:
+        await engine.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_order_whose_deadline_passes_while_waiting_expires_saying_why(
+        store, sa, clock):
+    engine = await running(make_engine(store, sa, clock, deadline_scan_every=1), clock)
+    try:
+        op, _ = await engine.submit({"distribution_id": DISTID, "operation": "reboot",
+                                     "expires_in": 3600})
+        await settle(engine, clock, seconds=60, steps=59)
+        assert (await store.get(op.operation_id)).state == "queued"
+        await settle(engine, clock, seconds=60, steps=2)
+        expired = await store.get(op.operation_id)
+        assert (expired.state, expired.attempts, expired.waiting_for) == ("expired", 0, None)
+        assert expired.last_error == ("the SA never became reachable before the order's "
+                                      f"deadline (waiting for {WAIT_CONFIRMATION})")
+        (event,) = await store.pending_events(10)
+        assert event.kind == "operation.expired" and event.payload["error"] == \
+            expired.last_error
+        assert sa.calls == []
+    finally:
+        await engine.stopService()
+
+
+class _LiveTunnel(_Tunnel):
+    """A tunnel the engine can send over, answering from captured answers."""
+
+    def __init__(self, *answers: str) -> None:
+        self.answers = [answer_from(name).xml for name in answers]
+        self.requests: list[bytes] = []
+        self.confirmed, self.closed, self.queue_length, self.last_seen = True, False, 0, 0.0
+
+    async def request(self, xml: bytes, *, timeout: float) -> TunnelAnswer:
+        self.requests.append(xml)
+        body = self.answers.pop(0)
+        return TunnelAnswer(body=body, response=parse_message(body), elapsed=0.0)
+
+    def close(self, reason: str) -> None:
+        self.closed = True
+
+
+@pytest_twisted.ensureDeferred
+async def test_tunnel_orders_wait_for_a_live_tunnel(store, sa, clock):
+    registry = TunnelRegistry()
+    engine = await running(PushEngine(
+        store=store, client=sa, keys=Keys(), clock=clock,
+        settings=PushSettings(result_url=RESULT_URL), tunnels=registry), clock)
+    order = {"distribution_id": DISTID, "operation": "read-module-list"}
+    try:
+        # The SA confirmed over a tunnel before; that tunnel is gone.
+        await store.sa_update(DISTID, push_method="https-tunnel", confirmed=True)
+        first, _ = await engine.submit(order)
+        await long_wait(engine, clock)
+        waiting = await store.get(first.operation_id)
+        assert (waiting.state, waiting.attempts, waiting.waiting_for) == (
+            "queued", 0, WAIT_TUNNEL)
+        tunnel = _LiveTunnel(*["18-read-module-list.response.txt"] * 2)
+        registry.register(tunnel)
+        engine.tunnel_up(tunnel)
+        await settle(engine, clock)  # at once
+        done = await store.get(first.operation_id)
+        assert (done.state, done.attempts) == ("succeeded", 1) and len(tunnel.requests) == 1
+        # Re-running its confirmation, the tunnel takes the next order (and sends it when
+        # confirmed again, which no hook announces): nothing waits for a tunnel_up.
+        tunnel.confirmed = False
+        second, _ = await engine.submit(order)
+        await settle(engine, clock)
+        assert (await store.get(second.operation_id)).state == "succeeded"
+        # The tunnel goes down: the next order waits for a new one.
+        registry.release(tunnel)
+        tunnel.closed = True
+        engine.tunnel_down(tunnel, "zero-size chunk")
+        third, _ = await engine.submit(order)
+        await long_wait(engine, clock)
+        waiting = await store.get(third.operation_id)
+        assert (waiting.state, waiting.attempts, waiting.waiting_for) == (
+            "queued", 0, WAIT_TUNNEL)
+        assert sa.calls == [] and len(tunnel.requests) == 2
+    finally:
+        await engine.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_confirmation_releases_the_queue_and_a_failed_one_makes_it_wait(
+        store, sa, clock):
+    await registered(store)
+    engine = await running(make_engine(store, sa, clock), clock)
+    order = {"distribution_id": DISTID, "operation": "read-module-list"}
+    try:
+        # A real try that failed: counted, with its backoff...
+        sa.script.append(PushUnreachable("connection refused"))
+        first, _ = await engine.submit(order)
+        await settle(engine, clock)
+        backoff = await store.get(first.operation_id)
+        assert (backoff.state, backoff.attempts, backoff.waiting_for) == ("queued", 1, None)
+        assert backoff.not_before > clock.seconds()
+        # ...cut short when the SA confirms (it listens again): sent at once.
+        sa.script.append(answer_from("18-read-module-list.response.txt"))
+        confirms(engine, sa)
+        await settle(engine, clock)
+        assert ((await store.get(first.operation_id)).state,
+                (await store.get(first.operation_id)).attempts) == ("succeeded", 2)
+        # A confirmation that fails leaves the SA unreachable: orders wait, untried.
+        engine.settings.confirmation_window = 0.0
+        engine.confirmation_started(DISTID, "https-simple", ENDPOINT, 10, "127.0.0.1:5")
+        await settle(engine, clock)
+        assert not (await store.sa_get(DISTID)).confirmed
+        second, _ = await engine.submit(order)
+        await long_wait(engine, clock)
+        waiting = await store.get(second.operation_id)
+        assert (waiting.state, waiting.attempts, waiting.waiting_for) == (
+            "queued", 0, WAIT_CONFIRMATION)
+        assert len(sa.calls) == 3
+        engine.settings.confirmation_window = 55.0
+        sa.script.append(answer_from("18-read-module-list.response.txt"))
+        confirms(engine, sa)
+        await settle(engine, clock)
+        done = await store.get(second.operation_id)
+        assert (done.state, done.attempts) == ("succeeded", 1)
+        kinds = [e.kind for e in await store.pending_events(10)]
+        assert kinds == ["sa.confirmed", "operation.succeeded", "sa.confirmation_failed",
+                         "sa.confirmed", "operation.succeeded"]
+    finally:
+        await engine.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_waiting_orders_survive_a_restart_and_go_when_the_sa_confirms(
+        tmp_path, sa, clock):
+    path = tmp_path / "restart.sqlite"
+    store = SQLiteStore(path, clock=clock)
+    await store.open()
+    engine = await running(make_engine(store, sa, clock), clock)
+    order = {"operation": "read-module-list"}
+    mine, _ = await engine.submit({"distribution_id": DISTID, **order})
+    other, _ = await engine.submit({"distribution_id": OTHER, **order})
+    await settle(engine, clock)
+    await engine.stopService()
+    await store.close()
+    store = SQLiteStore(path, clock=clock)
+    await store.open()
+    try:
+        for op in (mine, other):
+            assert (await store.get(op.operation_id)).waiting_for == WAIT_CONFIRMATION
+        # OTHER confirmed, but the process stopped before its queue was released: start-up
+        # looks at waiting orders again (a stored confirmation counts after a restart).
+        await registered(store, OTHER, "https://127.0.0.1:18451/")
+        sa.script.append(answer_from("18-read-module-list.response.txt"))
+        engine = await running(make_engine(store, sa, clock), clock)
+        sent = await store.get(other.operation_id)
+        assert (sent.state, sent.attempts) == ("succeeded", 1)
+        assert sa.calls[0]["url"] == "https://127.0.0.1:18451/"
+        await long_wait(engine, clock)
+        waiting = await store.get(mine.operation_id)
+        assert (waiting.state, waiting.attempts, waiting.waiting_for) == (
+            "queued", 0, WAIT_CONFIRMATION)
+        sa.script.append(answer_from("18-read-module-list.response.txt"))
+        confirms(engine, sa)
+        await settle(engine, clock)
+        done = await store.get(mine.operation_id)
+        assert (done.state, done.attempts) == ("succeeded", 1)
+    finally:
+        await engine.stopService()
+        await store.close()
 
 
 # -- the arms.event contract: what real operations emit, against outbox.EVENT_MEMBERS ------

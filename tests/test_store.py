@@ -297,7 +297,7 @@ async def test_next_dispatchable_is_per_sa_fifo(store, clock):
     # b1 backs off: b2 must not overtake it.
     await store.update(ids["b1"], {"not_before": now + 30})
     assert await ready() == names("a2")
-    assert await ready(at=now + 30) == names("b1", "a2")
+    assert await ready(at=now + 30) == names("a2", "b1")  # the heads due longest first
     # A re-queued operation keeps its place at the head.
     await store.transition(ids["a2"], expect=["queued"], state="sending")
     await store.transition(ids["a2"], expect=["sending"], state="queued")
@@ -313,26 +313,250 @@ async def test_next_dispatchable_is_per_sa_fifo(store, clock):
 
 
 @pytest_twisted.ensureDeferred
-async def test_next_dispatchable_and_lookups_use_indexes(store):
-    async def plan(sql, *args):
-        rows = await store._run(
-            "plan", lambda c: c.execute("EXPLAIN QUERY PLAN " + sql, args).fetchall()
-        )
-        return " | ".join(r[3] for r in rows)
+async def test_a_waiting_head_holds_its_sa_until_released(store, clock):
+    """An order waiting for its SA (unreachable) is not handed out, nor is anything behind
+    it; releasing the SA makes its whole queue due at once, and no other SA's."""
+    a1, _ = await store.submit(new_op(SA_A))
+    a2, _ = await store.submit(new_op(SA_A))
+    b1, _ = await store.submit(new_op(SA_B))
+    now = clock.seconds()
 
-    from armsproxy.store import sqlite as impl
+    async def ready(at=now):
+        return [op.operation_id for op in await store.next_dispatchable(at, 10)]
 
-    head = await plan(
-        "SELECT MIN(seq) FROM operations WHERE state = ? GROUP BY distribution_id", "queued"
-    )
-    assert "USING COVERING INDEX operations_state_sa" in head
-    txn = await plan(
-        f"{impl._OP_SELECT} WHERE distribution_id = ? AND sa_transaction_id = ?"
-        " ORDER BY seq DESC LIMIT 1",
-        SA_A,
-        3,
-    )
-    assert "USING INDEX operations_sa_txn" in txn and "SCAN" not in txn
+    parked = await store.transition(a1.operation_id, expect=["queued"], state="queued",
+                                    changes={"waiting_for": "the SA to confirm"})
+    assert parked.waiting_for == "the SA to confirm"
+    await store.update(b1.operation_id, {"waiting_for": "a tunnel", "not_before": now + 50})
+    assert await ready(now + 1e9) == []  # neither head, nor a2 behind a1
+    assert [op.operation_id for op in await store.waiting()] == [a1.operation_id,
+                                                                  b1.operation_id]
+    await store.update(a2.operation_id, {"not_before": now + 300})  # e.g. a retry delay
+    clock.advance(5)
+    assert await store.release_waiting(SA_A, clock.seconds()) == 2
+    assert await store.release_waiting(SA_A, clock.seconds()) == 0  # nothing left to do
+    released = await store.get(a1.operation_id)
+    assert released.waiting_for is None and released.not_before == now  # was due already
+    assert (await store.get(a2.operation_id)).not_before == clock.seconds()  # cut short
+    assert await ready(clock.seconds()) == [a1.operation_id]
+    assert (await store.get(b1.operation_id)).waiting_for == "a tunnel"  # other SA untouched
+    # Leaving `queued` clears it: only a queued order waits.
+    cancelled = await store.transition(b1.operation_id, expect=["queued"], state="cancelled")
+    assert cancelled.waiting_for is None
+    assert await store.waiting() == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_past_deadline_returns_only_what_is_due(store, clock):
+    now = clock.seconds()
+    late, _ = await store.submit(new_op(SA_A, expires_at=now + 10))
+    later, _ = await store.submit(new_op(SA_B, expires_at=now + 100))
+    await store.submit(new_op(SA_B))  # no deadline
+    started, _ = await store.submit(new_op(SA_A, expires_at=now + 1))
+    await store.transition(started.operation_id, expect=["queued"], state="started",
+                           changes={"done_deadline": now + 20})
+    assert await store.past_deadline(now) == []
+    due = await store.past_deadline(now + 20)
+    assert [op.operation_id for op in due] == [late.operation_id, started.operation_id]
+    assert len(await store.past_deadline(now + 100)) == 3
+    assert later.operation_id in [op.operation_id for op in await store.past_deadline(now + 100)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_past_deadline_pages_earliest_deadlines_first(store, clock):
+    """A page holds the earliest deadlines (queued and started alike), in submit order; the
+    engine asks again while pages come back full."""
+    now = clock.seconds()
+    a, _ = await store.submit(new_op(SA_A, expires_at=now + 4))
+    b, _ = await store.submit(new_op(SA_B, expires_at=now + 1))
+    c, _ = await store.submit(new_op(SA_B, expires_at=now + 3))
+    d, _ = await store.submit(new_op(SA_A, expires_at=now + 50))
+    await store.transition(d.operation_id, expect=["queued"], state="started",
+                           changes={"done_deadline": now + 2})
+
+    async def due(limit):
+        return [op.operation_id for op in await store.past_deadline(now + 10, limit=limit)]
+
+    assert await due(2) == [b.operation_id, d.operation_id]
+    assert await due(3) == [b.operation_id, c.operation_id, d.operation_id]
+    assert await due(10) == [a.operation_id, b.operation_id, c.operation_id, d.operation_id]
+
+
+def queue_heads(conn):
+    """sa_queues as kept by the triggers, and as rebuilt from scratch (migration 5's way)."""
+    kept = conn.execute("SELECT * FROM sa_queues ORDER BY distribution_id").fetchall()
+    rebuilt = conn.execute(
+        "SELECT q.distribution_id, q.head, op.not_before, COALESCE(op.waiting_for IS NOT NULL,"
+        " 0), q.busy FROM (SELECT distribution_id, MIN(seq) FILTER (WHERE state = 'queued')"
+        " AS head, MAX(state = 'sending') AS busy FROM operations"
+        " WHERE state IN ('queued', 'sending') GROUP BY distribution_id) AS q"
+        " LEFT JOIN operations AS op ON op.seq = q.head ORDER BY q.distribution_id").fetchall()
+    return [tuple(r) for r in kept], [tuple(r) for r in rebuilt]
+
+
+@pytest_twisted.ensureDeferred
+async def test_queue_heads_follow_every_change(store, clock):
+    """Random submits, sends, retries, parks, releases, cancels: after each, the per-SA heads
+    the triggers keep equal a rebuild from scratch, backlog() equals a count of every
+    operation, and next_dispatchable equals the rule
+    computed over every operation (per SA the oldest queued one, unless the SA is sending,
+    the head waits or is not due; those due longest first)."""
+    rnd = random.Random(11)
+    sas = [SA_A, SA_B, "0001-0000-1A2B-0105-0000-0000-0000-000C"]
+    moves = {"queued": ["sending", "cancelled", "queued"], "sending": ["queued", "started",
+             "failed"], "started": ["succeeded", "expired"]}
+    for step in range(160):
+        ops = await store.list_operations(limit=1000)
+        live = [op for op in ops if op.state in moves]
+        action = rnd.random()
+        if action < 0.35 or not live:
+            await store.submit(new_op(rnd.choice(sas)))
+        elif action < 0.45:
+            await store.release_waiting(rnd.choice(sas), clock.seconds())
+        else:
+            op = rnd.choice(live)
+            state = rnd.choice(moves[op.state])
+            changes = {}
+            if state == "queued":
+                changes = rnd.choice([{"not_before": clock.seconds() + rnd.choice([0, 30])},
+                                      {"waiting_for": "the SA to confirm"}])
+            await store.transition(op.operation_id, expect=[op.state], state=state,
+                                   changes=changes)
+        clock.advance(1)
+        kept, rebuilt = await store._run("heads", queue_heads)
+        assert kept == rebuilt, step
+        backlog = await store.backlog()
+        ops = await store.list_operations(limit=1000)
+        assert {s: backlog[s] for s in moves} == {
+            s: sum(op.state == s for op in ops) for s in moves}, step
+        ops = await store.list_operations(limit=1000)  # created_at order = submit order
+        for at in (clock.seconds(), clock.seconds() + 30):
+            heads = []
+            for sa in sas:
+                mine = [op for op in ops if op.distribution_id == sa]
+                queued = [op for op in mine if op.state == "queued"]
+                if queued and not any(op.state == "sending" for op in mine) \
+                        and queued[0].waiting_for is None and queued[0].not_before <= at:
+                    heads.append(queued[0])
+            heads.sort(key=lambda op: (op.not_before, ops.index(op)))
+            got = [op.operation_id for op in await store.next_dispatchable(at, 10)]
+            assert got == [op.operation_id for op in heads], step
+
+
+@pytest_twisted.ensureDeferred
+async def test_migration_builds_the_queue_heads_of_an_existing_queue(tmp_path, clock):
+    path = tmp_path / "v4.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    assert migrate(conn, target=4) == 4
+    now = clock.seconds()
+    rows = [  # (SA, state, not_before, waiting_for)
+        (SA_A, "queued", now, "the SA to confirm"), (SA_A, "queued", now, None),
+        (SA_B, "sending", now, None), (SA_B, "queued", now, None),
+        ("C", "started", now, None), ("C", "queued", now + 60, None),
+        ("D", "succeeded", now, None), ("D", "queued", now - 5, None), ("D", "queued", now, None),
+    ]
+    for i, (sa, state, not_before, waiting_for) in enumerate(rows):
+        conn.execute(
+            "INSERT INTO operations (operation_id, distribution_id, operation, params, state,"
+            " created_at, updated_at, not_before, waiting_for)"
+            " VALUES (?, ?, 'read-status', '{}', ?, ?, ?, ?, ?)",
+            (f"op{i}", sa, state, T0 + i, T0 + i, not_before, waiting_for))
+    conn.close()
+    s = SQLiteStore(path, reactor=reactor, clock=clock)
+    await s.open()
+    try:
+        kept, rebuilt = await s._run("heads", queue_heads)
+        assert kept == rebuilt and [r[0] for r in kept] == [SA_A, SA_B, "C", "D"]
+        assert await s.backlog() == {"queued": 6, "sending": 1, "started": 1, "events": 0}
+
+        async def ready(at=now):
+            return [op.operation_id for op in await s.next_dispatchable(at, 10)]
+
+        assert await ready() == ["op7"]  # A waits, B is sending, C not due
+        assert await ready(now + 60) == ["op7", "op5"]
+        assert [op.operation_id for op in await s.waiting()] == ["op0"]
+        assert await s.release_waiting(SA_A, now) == 1
+        assert await ready() == ["op7", "op0"]  # D's head has been due longer than A's
+    finally:
+        await s.close()
+
+
+async def _plans(store, call):
+    """(statement, plan) of each statement ``call`` makes the store run, parameters inlined
+    (every plan checked below names its index, or seeks by equality: inlining changes none)."""
+    statements = []
+    await store._run("trace", lambda c: c.set_trace_callback(statements.append))
+    try:
+        await call()
+    finally:
+        await store._run("trace", lambda c: c.set_trace_callback(None))
+
+    def explain(conn):
+        return [(sql, " | ".join(r[3] for r in conn.execute("EXPLAIN QUERY PLAN " + sql)))
+                for sql in statements
+                if sql.split(None, 1)[0].upper() in ("SELECT", "UPDATE", "INSERT", "DELETE")]
+
+    return await store._run("explain", explain)
+
+
+@pytest_twisted.ensureDeferred
+async def test_hot_queries_read_only_what_they_return(store, clock):
+    """Issue #11: dispatch, deadline scan, listings, waiting orders and purges each read one
+    index range that starts at what they return (no full scan, no sort of all matches);
+    a plan that changes fails here, not as a slow queue at a million rows."""
+    now = clock.seconds()
+    for i in range(6):
+        op, _ = await store.submit(new_op(SA_A if i % 2 else SA_B, expires_at=now + 60))
+    await store.transition(op.operation_id, expect=["queued"], state="started",
+                           changes={"done_deadline": now + 30, "sa_transaction_id": 3})
+
+    async def plans(call):
+        found = await _plans(store, call)
+        assert found
+        for sql, plan in found:
+            # A SCAN only of an index, in the order asked for (LIMIT stops it): no table scan.
+            assert all("INDEX" in step for step in plan.split(" | ")
+                       if step.startswith("SCAN")), (sql, plan)
+            if "operation_raw" not in sql:
+                assert "TEMP B-TREE" not in plan or "INDEXED BY operations_state_sa" in sql, \
+                    (sql, plan)
+        return " || ".join(plan for _, plan in found)
+
+    dispatch = await plans(lambda: store.next_dispatchable(now, 200))
+    assert "SEARCH q USING INDEX sa_queues_ready (not_before<?)" in dispatch
+    assert "SEARCH op USING INTEGER PRIMARY KEY (rowid=?)" in dispatch
+    due = await plans(lambda: store.past_deadline(now))
+    assert "USING INDEX operations_queued_expires (expires_at<?)" in due
+    assert "USING INDEX operations_started_done (done_deadline<?)" in due
+    assert "USING INDEX operations_waiting" in await plans(store.waiting)
+    states = ["queued", "sending", "started"]
+    listing = await plans(lambda: store.list_operations(states=states))
+    assert "MERGE (UNION ALL)" in listing
+    assert listing.count("USING INDEX operations_state_created (state=?)") == 3
+    ranged = await plans(lambda: store.list_operations(states=["queued"], since=1, until=2))
+    assert "operations_state_created (state=? AND created_at>? AND created_at<?)" in ranged
+    assert "operations_created" in await plans(store.list_operations)
+    assert "operations_sa_created (distribution_id=?)" in await plans(
+        lambda: store.list_operations(distribution_id=SA_A))
+    assert "operations_state_sa (state=? AND distribution_id=?)" in await plans(
+        lambda: store.list_operations(distribution_id=SA_A, states=["started"]))
+    assert "operations_state_sa (state=? AND distribution_id=?)" in await plans(
+        lambda: store.release_waiting(SA_A, now))
+    assert "operations_purge (updated_at<?)" in await plans(lambda: store.purge_results(now))
+    txn = await plans(lambda: store.find_by_sa_transaction(SA_A, 3))
+    assert "USING INDEX operations_sa_txn (distribution_id=? AND sa_transaction_id=?)" in txn
+
+    # The triggers' statements: two seeks and an upsert by primary key, whatever the SA.
+    def trigger_plans(conn):
+        from armsproxy.store.migrations import _refresh_queue
+
+        return [" | ".join(r[3] for r in conn.execute("EXPLAIN QUERY PLAN " + sql))
+                for sql in _refresh_queue(repr(SA_A)).split(";") if sql.strip()]
+
+    upsert, delete = await store._run("plans", trigger_plans)
+    assert upsert.count("operations_state_sa (state=? AND distribution_id=?)") == 2, upsert
+    assert "SCAN operations" not in upsert
+    assert "SEARCH sa_queues USING PRIMARY KEY (distribution_id=?)" in delete
 
 
 # -- results, lookups, lists ---------------------------------------------------------------
@@ -402,6 +626,37 @@ async def test_list_operations_and_in_states(store, clock):
     assert ids(await store.in_states(["queued"])) == ids([ops[0], ops[2], ops[3], ops[5]])
     assert ids(await store.in_states(FINAL)) == ids([ops[4]])
     assert await store.in_states([]) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_list_operations_pages_match_a_full_sort(store):
+    """Listings read per-state index ranges merged in (created_at, submit) order: any filter
+    and page equals sorting every operation, also when created_at disagrees with submit
+    order (a clock stepped back) and ties."""
+    rnd = random.Random(5)
+    sas = [SA_A, SA_B]
+    ops = []
+    for _ in range(60):
+        op, _ = await store.submit(new_op(rnd.choice(sas), created_at=T0 + rnd.randrange(20)))
+        state = rnd.choice(["queued", "sending", "started", "succeeded", "cancelled"])
+        if state != "queued":
+            op = await store.transition(op.operation_id, expect=["queued"], state=state)
+        ops.append(op)
+    for _ in range(40):
+        query = {"states": rnd.sample(["queued", "sending", "started", "succeeded"],
+                                      rnd.randint(1, 4)) if rnd.random() < 0.8 else None,
+                 "distribution_id": rnd.choice([None, *sas]),
+                 "since": rnd.choice([None, T0 + 5]), "until": rnd.choice([None, T0 + 15])}
+        limit, offset = rnd.randint(1, 30), rnd.randint(0, 20)
+        want = [i for i, op in enumerate(ops)
+                if (query["states"] is None or op.state in query["states"])
+                and query["distribution_id"] in (None, op.distribution_id)
+                and (query["since"] is None or op.created_at >= query["since"])
+                and (query["until"] is None or op.created_at < query["until"])]
+        want.sort(key=lambda i: (ops[i].created_at, i))
+        got = await store.list_operations(**query, limit=limit, offset=offset)
+        assert [op.operation_id for op in got] == [
+            ops[i].operation_id for i in want[offset:offset + limit]], query
 
 
 @pytest_twisted.ensureDeferred
@@ -603,6 +858,7 @@ async def test_old_schema_is_migrated_and_keeps_data(tmp_path, clock):
         (op,) = await s.in_states(["started"])
         assert op.request_id == "old-rq" and op.params == {"n": 1} and op.attempts == 2
         assert op.done_deadline is None and op.sa_transaction_id == 5
+        assert op.waiting_for is None
         again, created = await s.submit(new_op(request_id="old-rq"))
         assert not created and again.operation_id == op.operation_id
         rec = await s.sa_get(SA_A)
@@ -614,9 +870,9 @@ async def test_old_schema_is_migrated_and_keeps_data(tmp_path, clock):
         await s.close()
     conn = sqlite3.connect(path)
     try:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
         columns = {r[1] for r in conn.execute("PRAGMA table_info(operations)")}
-        assert "done_deadline" in columns
+        assert {"done_deadline", "waiting_for"} <= columns
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     finally:
         conn.close()
@@ -720,6 +976,9 @@ async def test_no_store_call_runs_on_the_reactor_thread(store):
     await store.update(op.operation_id, {"attempts": 1})
     await store.next_dispatchable(T0, 10)
     await store.in_states(["sending"])
+    await store.past_deadline(T0)
+    await store.waiting()
+    await store.release_waiting(SA_A, T0)
     await store.find_by_sa_transaction(SA_A, 1)
     await store.forget(op.operation_id)
     await store.purge_results(T0)

@@ -10,6 +10,12 @@ Rules an operator can rely on:
 
 * per SA, operations leave in submit order and one is being sent at a time; an operation
   waiting for its done-request (``started``) does not hold the next one back;
+* an order is tried only when its SA is reachable: the order names an ``sa_url``, or the SA
+  holds a live tunnel, or its https-simple push confirmation succeeded. Otherwise it stays
+  ``queued`` with ``waiting_for`` set and no attempt counted, holding its SA's queue, until the
+  SA confirms or opens a tunnel (its queue then goes at once) or the order's deadline passes
+  (``expired``: the SA never became reachable). A confirmation that starts (or fails) makes
+  the SA unreachable again until one succeeds;
 * unreachable SA, refused TLS, or no answer → queued again with exponential backoff, up to
   ``max_attempts``, then ``failed`` with the reason; SA busy (302/406) → queued again after
   ``busy_delay`` (bounded by the order's deadline, not by attempts);
@@ -24,7 +30,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -37,6 +43,7 @@ from twisted.python.failure import Failure
 from ..arms import codes
 from ..arms.codec import MessageError, UnsafeMessageError, parse_message
 from ..arms.messages import ArmsRequest, ArmsResponse, base_type
+from ..metrics import Metrics
 from ..store.model import (
     CANCELLED,
     EXPIRED,
@@ -48,6 +55,7 @@ from ..store.model import (
     SUCCEEDED,
     NewOperation,
     Operation,
+    SARecord,
 )
 from ..tunnel import TunnelError
 from . import operations as ops
@@ -96,8 +104,15 @@ class PushSettings:
             raise ValueError("orphan done bounds: max_per_sa >= 1, ttl > 0, max_bytes >= 0")
 
 
+#: Operations past their deadline read per store call by the deadline scan.
+DEADLINE_PAGE = 500
+
 #: Closed tunnels kept per SA in the registry (with when and why they closed).
 TUNNEL_HISTORY = 5
+
+#: What a queued order waits for (``waiting_for`` in push.status) while its SA is unreachable.
+WAIT_CONFIRMATION = "the SA to confirm a push method"
+WAIT_TUNNEL = "a live tunnel from the SA"
 
 
 class OrderRejected(ValueError):
@@ -124,9 +139,11 @@ class PushEngine(service.Service):
         on_events: Callable[[], None] | None = None,
         tunnels: Any = None,
         counter: Callable[[str, int], None] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         """``counter(name, n)``: where the engine's counts go (tap.py: the management
-        gate's ``sa_gate_events_total``); by default :attr:`stats`."""
+        gate's ``sa_gate_events_total``); by default :attr:`stats`. ``metrics``: push
+        outcomes and attempt latencies for ``/metrics`` (by default its own)."""
         self.store = store
         self.client = client
         self.keys = keys
@@ -145,6 +162,7 @@ class PushEngine(service.Service):
         self._background: set[defer.Deferred[Any]] = set()
         self.stats: Counter[str] = Counter()
         self._counter = counter or (lambda name, n: self.stats.update({name: n}))
+        self.metrics = metrics if metrics is not None else Metrics()
 
     # -- service ----------------------------------------------------------------------------
     def startService(self) -> None:
@@ -256,6 +274,7 @@ class PushEngine(service.Service):
         )
         if op is not None:
             self.on_events()
+            self.metrics.push_final(current.operation, CANCELLED, None)
             return True, CANCELLED
         current = await self.store.get(operation_id)
         return False, None if current is None else current.state
@@ -326,7 +345,60 @@ class PushEngine(service.Service):
             log.failure("push: dispatch of {op} crashed", result, op=op.operation_id)
         self.wake()
 
+    def _route(self, op: Operation, record: SARecord | None) -> tuple[Any, str | None,
+                                                                       str | None]:
+        """``(tunnel, None, None)`` or ``(None, url, None)`` to send ``op`` now; else
+        ``(None, None, what it waits for)``: the SA is not reachable, so nothing is tried.
+
+        Reachable: the order names its ``sa_url`` (the RS knows where); the SA holds a live
+        tunnel (unless the order asks for https-simple); or the SA's https-simple push
+        confirmation succeeded (``confirmed`` with an endpoint, and no confirmation since).
+        """
+        if op.sa_url:
+            return None, op.sa_url, None
+        if self.tunnels is not None and op.method != "https-simple":
+            # A tunnel re-running its confirmation takes the request and sends it once
+            # confirmed: parked instead, the order would wait for a tunnel_up that never comes.
+            tunnel = self.tunnels.pick(op.distribution_id) or next(
+                iter(self.tunnels.held(op.distribution_id)), None)
+            if tunnel is not None:
+                return tunnel, None, None
+        if (op.method or (record.push_method if record else None)) == "https-tunnel":
+            return None, None, WAIT_TUNNEL
+        if record is not None and record.push_method == "https-simple" and record.confirmed \
+                and record.push_endpoint:
+            return None, record.push_endpoint, None
+        return None, None, WAIT_CONFIRMATION
+
+    async def _wait(self, op: Operation, waiting_for: str) -> None:
+        """Park the head of an unreachable SA's queue: it is not dispatched (next_dispatchable
+        skips the SA) until :meth:`_reachable` releases it, or it expires."""
+        parked = await self.store.transition(op.operation_id, expect={QUEUED}, state=QUEUED,
+                                             changes={"waiting_for": waiting_for})
+        if parked is None:
+            return  # cancelled meanwhile
+        log.info("push: {op} for {distid} waits for {what}", op=op.operation_id,
+                 distid=op.distribution_id, what=waiting_for)
+        # The SA may have become reachable between the look and the park (its release then
+        # found nothing to release): look again, now that the park is committed.
+        if self._route(parked, await self.store.sa_get(op.distribution_id))[2] is None:
+            await self._reachable(op.distribution_id)
+
+    async def _reachable(self, distid: str) -> None:
+        """The SA confirmed or opened a tunnel: its queue is due now (waiting orders
+        released, a retry delay cut short), without scanning any other SA's orders."""
+        released = await self.store.release_waiting(distid, self.clock.seconds())
+        if released:
+            log.info("push: {distid} is reachable; {n} queued order(s) due now",
+                     distid=distid, n=released)
+        self.wake()
+
     async def _dispatch(self, queued: Operation) -> None:
+        record = await self.store.sa_get(queued.distribution_id)
+        tunnel, url, waiting_for = self._route(queued, record)
+        if waiting_for is not None:  # not a try: attempts stay as they are
+            await self._wait(queued, waiting_for)
+            return
         op = await self.store.transition(
             queued.operation_id, expect={QUEUED}, state=SENDING,
             changes={"attempts": queued.attempts + 1},
@@ -334,21 +406,6 @@ class PushEngine(service.Service):
         if op is None:
             return  # cancelled or taken meanwhile
         spec = ops.OPERATIONS[op.operation]
-        record = await self.store.sa_get(op.distribution_id)
-        tunnel = None
-        if self.tunnels is not None and op.method != "https-simple" and not op.sa_url:
-            tunnel = self.tunnels.pick(op.distribution_id)
-        if tunnel is None and not op.sa_url and (
-                op.method == "https-tunnel"
-                or (record is not None and record.push_method == "https-tunnel")):
-            await self._retry(op, "no live confirmed tunnel for this SA")
-            return
-        url = None if tunnel is not None else (
-            op.sa_url or (record.push_endpoint if record else None))
-        if tunnel is None and not url:
-            await self._retry(op, "no push endpoint known for this SA (no https-simple "
-                                  "confirmation yet, and the order has no sa_url)")
-            return
         try:
             # result-url travels in every 2-way start, over a tunnel too: harmless there, and
             # it keeps the SA's (global) value pointing at us (§7.0.3).
@@ -361,7 +418,8 @@ class PushEngine(service.Service):
         now = self.clock.seconds()
         try:
             if tunnel is not None:
-                answer = await tunnel.request(body, timeout=self.settings.tunnel_answer_timeout)
+                answer = await self._attempt(op.operation, "https-tunnel", tunnel.request(
+                    body, timeout=self.settings.tunnel_answer_timeout))
                 status, xml, via = None, answer.body, f"tunnel {tunnel.id}"
                 parsed = answer.response
             else:
@@ -370,10 +428,10 @@ class PushEngine(service.Service):
                     await self._finish(op, {SENDING}, FAILED, "the RS does not know this device")
                     return
                 assert url is not None
-                pushed = await self.client.push(
+                pushed = await self._attempt(op.operation, "https-simple", self.client.push(
                     url, distribution_id=op.distribution_id, key=key, body=body,
                     pinned_certificate_pem=record.sa_certificate if record else None,
-                )
+                ))
                 status, xml, via = pushed.status, pushed.xml, url
                 parsed = None
         except (PushError, TunnelError) as e:
@@ -464,7 +522,7 @@ class PushEngine(service.Service):
         await self.store.sa_update(distid, **fields, events=[event])
         self.on_events()
         if kind == "sa.tunnel_up":
-            self.wake()
+            await self._reachable(distid)
 
     async def _retry(self, op: Operation, reason: str) -> None:
         if op.attempts >= self.settings.max_attempts:
@@ -480,6 +538,18 @@ class PushEngine(service.Service):
             op.operation_id, expect={SENDING}, state=QUEUED,
             changes={"not_before": self.clock.seconds() + delay, "last_error": reason},
         )
+
+    async def _attempt(self, operation: str, method: str, sending: Awaitable[Any]) -> Any:
+        """Await one push attempt, timed into ``armsproxy_push_duration_seconds``: the
+        device's latency (the key lookup before it is the RS's, timed apart)."""
+        started = self.clock.seconds()
+        try:
+            answer = await sending
+        except (PushError, TunnelError) as e:
+            self.metrics.push_attempt(operation, method, e, self.clock.seconds() - started)
+            raise
+        self.metrics.push_attempt(operation, method, None, self.clock.seconds() - started)
+        return answer
 
     async def _finish(self, op: Operation, expect: set[str], state: str, error: str | None,
                       *, raw: dict[str, Any] | None = None,
@@ -498,6 +568,7 @@ class PushEngine(service.Service):
         )
         if done is not None:
             self.on_events()
+            self.metrics.push_final(op.operation, state, all_changes.get("result_code"))
             (log.info if state == SUCCEEDED else log.warn)(
                 "push: {op} {operation} for {distid} {state}{why}", op=op.operation_id,
                 operation=op.operation, distid=op.distribution_id, state=state,
@@ -511,25 +582,47 @@ class PushEngine(service.Service):
             # resolve it like an interrupted one once it is clearly not in flight any more.
             if op.distribution_id not in self._sending and now - op.updated_at > 60:
                 await self._resolve_interrupted(op, now)
-        for op in await self.store.in_states({QUEUED, STARTED}):
-            if op.state == QUEUED and op.expires_at is not None and op.expires_at <= now:
-                await self._finish(op, {QUEUED}, EXPIRED,
-                                   "the order's deadline passed before dispatch")
-            elif op.state == STARTED and op.done_deadline is not None \
-                    and op.done_deadline <= now:
-                if op.sa_transaction_id is None:
-                    await self._finish(op, {STARTED}, FAILED,
-                                       "interrupted: armsproxy stopped while sending, and no "
-                                       "done-request showed the operation running")
-                else:
-                    await self._finish(op, {STARTED}, EXPIRED,
-                                       "no done-request from the SA before the deadline")
+        # A page at a time (memory stays flat when many deadlines pass at once): each due
+        # operation leaves its due state here, so the next page holds the next ones. A page
+        # that changes nothing (all changed meanwhile) ends the scan rather than repeat it.
+        while True:
+            due = await self.store.past_deadline(now, limit=DEADLINE_PAGE)
+            finished = [await self._past_deadline(op) for op in due]
+            if len(due) < DEADLINE_PAGE or not any(finished):
+                return
+
+    async def _past_deadline(self, op: Operation) -> Operation | None:
+        """Finish one operation found past its deadline, saying why; None if it changed
+        state meanwhile (the scan then knows the page made no progress)."""
+        if op.state == QUEUED and op.waiting_for is not None:
+            return await self._finish(op, {QUEUED}, EXPIRED, (
+                "the SA never became reachable" if op.attempts == 0 else
+                f"the SA did not become reachable again after {op.attempts} "
+                "attempt(s)") + f" before the order's deadline (waiting for "
+                f"{op.waiting_for})")
+        if op.state == QUEUED:
+            return await self._finish(op, {QUEUED}, EXPIRED,
+                                      "the order's deadline passed before dispatch")
+        if op.sa_transaction_id is None:  # started
+            return await self._finish(op, {STARTED}, FAILED,
+                                      "interrupted: armsproxy stopped while sending, and no "
+                                      "done-request showed the operation running")
+        return await self._finish(op, {STARTED}, EXPIRED,
+                                  "no done-request from the SA before the deadline")
 
     async def recover(self) -> None:
-        """Resolve operations a previous process left ``sending`` (design.md §5)."""
+        """Resolve operations a previous process left ``sending`` (design.md §5).
+
+        Orders left waiting stay waiting (the stored confirmation counts across a restart;
+        tunnels do not survive one), unless their SA is reachable now: a process stopped
+        between a confirmation and its release leaves such a one behind.
+        """
         now = self.clock.seconds()
         for op in await self.store.in_states({SENDING}):
             await self._resolve_interrupted(op, now)
+        for op in await self.store.waiting():
+            if self._route(op, await self.store.sa_get(op.distribution_id))[2] is None:
+                await self.store.release_waiting(op.distribution_id, now)
 
     async def _resolve_interrupted(self, op: Operation, now: float) -> None:
         spec = ops.OPERATIONS[op.operation]
@@ -586,9 +679,10 @@ class PushEngine(service.Service):
                 last = "the RS does not know this device"
                 break
             try:
-                answer = await self.client.push(
+                pushing = self.client.push(
                     url, distribution_id=distid, key=key, body=body,
                     pinned_certificate_pem=record.sa_certificate if record else None)
+                answer = await self._attempt("push-confirmation-done", "https-simple", pushing)
                 message = parse_message(answer.xml) if answer.xml else None
             except (PushError, MessageError) as e:
                 last = getattr(e, "reason", str(e))
@@ -602,7 +696,7 @@ class PushEngine(service.Service):
                     self.on_events()
                     log.info("push: {distid} confirmed https-simple at {url}", distid=distid,
                              url=url)
-                    self.wake()
+                    await self._reachable(distid)
                     return
                 last = (f"SA answered {message.result_code}"
                         if isinstance(message, ArmsResponse)

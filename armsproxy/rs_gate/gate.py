@@ -84,6 +84,7 @@ _STATUS_FIELDS = (
     "expires_at",
     "done_deadline",
     "last_error",
+    "waiting_for",
     "start_result_code",
     "sa_transaction_id",
     "transaction_result",
@@ -482,10 +483,13 @@ class RSGate(xmlrpc.XMLRPC):
           operation_id, request_id, distribution_id, operation   strings
           state          queued | sending | started | succeeded | failed | expired |
                          cancelled (the last four are final)
-          attempts       int: deliveries tried
+          attempts       int: deliveries tried (waiting for an unreachable SA is none)
           created_at, updated_at, not_before (next try), expires_at, done_deadline
                          (2-way: the done-request is awaited until then)   doubles
           last_error     string: why the last attempt or the operation failed
+          waiting_for    string, queued only: the SA is not reachable yet, so the order
+                         is not tried until this happens ("the SA to confirm a push
+                         method", "a live tunnel from the SA") or expires_at passes
           start_result_code   int: the SA's result-code for the (start) request
           sa_transaction_id   int: the SA's transaction id (2-way operations)
           transaction_result  int: from the SA's done-request

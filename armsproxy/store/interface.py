@@ -60,9 +60,29 @@ class Store(Protocol):
         """Change fields without a state change (attempts, not_before, ...)."""
 
     async def next_dispatchable(self, now: float, limit: int) -> list[Operation]:
-        """Per SA the head of its queue (submit order) if ready and nothing of it is sending."""
+        """Per SA the head of its queue (submit order) if due, not waiting for its SA, and
+        nothing of the SA is sending; at most ``limit``, the heads due longest first.
+
+        Costs what it returns, not what is queued (a backend keeps per-SA heads)."""
 
     async def in_states(self, states: Collection[str]) -> list[Operation]: ...
+
+    async def past_deadline(self, now: float, limit: int = 500) -> list[Operation]:
+        """``queued`` operations whose ``expires_at``, and ``started`` ones whose
+        ``done_deadline``, is at or before ``now``: at most ``limit``, the earliest deadlines
+        first, returned in submit order. Reads only what is due (index on each deadline);
+        the caller asks again while a full page comes back."""
+
+    async def waiting(self) -> list[Operation]:
+        """``queued`` operations waiting for their SA (``waiting_for`` set), in submit order."""
+
+    async def release_waiting(self, distribution_id: str, now: float) -> int:
+        """The SA became reachable: its queued operations are due now (``waiting_for``
+        cleared, a retry delay cut short); how many changed.
+
+        ``waiting_for`` is set with ``update``/``transition`` on a queued operation, and
+        cleared by any transition to another state; a head that waits holds its SA's queue.
+        """
 
     async def find_by_sa_transaction(
         self, distribution_id: str, sa_transaction_id: int

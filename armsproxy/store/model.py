@@ -87,6 +87,9 @@ class Operation:
     result: dict[str, Any] | None
     raw: list[dict[str, Any]] = field(default_factory=list)
     forgotten: bool = False
+    # What a queued order waits for (its SA is not reachable yet), in words; None otherwise.
+    # Such an order is not dispatched until its SA becomes reachable (release_waiting).
+    waiting_for: str | None = None
 
     @property
     def is_final(self) -> bool:

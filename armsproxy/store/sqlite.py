@@ -28,7 +28,7 @@ from armsproxy.store.model import (
     OPERATION_COLUMNS,
     QUEUED,
     SA_FIELDS,
-    SENDING,
+    STARTED,
     STATES,
     Event,
     NewOperation,
@@ -45,7 +45,11 @@ T = TypeVar("T")
 _log = Logger()
 
 _OP_COLUMNS = OPERATION_COLUMNS
+# Hot queries name their index (INDEXED BY): without ANALYZE statistics SQLite's planner
+# prefers an index that saves a sort over one that reads only what is due, and a named index
+# that stops matching the query is an error at once, not a silent full scan at 1M rows.
 _OP_SELECT = "SELECT seq, " + ", ".join(_OP_COLUMNS) + " FROM operations"
+_DEADLINE_PAGE = 500  # past_deadline's default page
 _JSON_OP_FIELDS = frozenset({"params", "result"})
 _SA_COLUMNS = ("distribution_id", *sorted(SA_FIELDS))
 _CHUNK = 500  # bound on bound parameters per statement
@@ -283,25 +287,9 @@ class SQLiteStore:
         limit: int = 100,
         offset: int = 0,
     ) -> list[Operation]:
-        where: list[str] = []
-        args: list[Any] = []
-        if distribution_id is not None:
-            where.append("distribution_id = ?")
-            args.append(distribution_id)
-        if states is not None:
-            states = list(states)
-            where.append(f"state IN ({_marks(len(states))})")
-            args.extend(states)
-        if since is not None:
-            where.append("created_at >= ?")
-            args.append(since)
-        if until is not None:
-            where.append("created_at < ?")
-            args.append(until)
-        sql = _OP_SELECT
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY created_at, seq LIMIT ? OFFSET ?"
+        sql, args = _list_sql(distribution_id, states, since, until)
+        if not sql:
+            return []
         args += [int(limit), int(offset)]
         return await self._run("list_operations", _read_many, sql, args)
 
@@ -345,6 +333,18 @@ class SQLiteStore:
         states = list(states)
         sql = f"{_OP_SELECT} WHERE state IN ({_marks(len(states))}) ORDER BY seq"
         return await self._run("in_states", _read_many, sql, states)
+
+    async def past_deadline(self, now: float, limit: int = _DEADLINE_PAGE) -> list[Operation]:
+        return await self._run("past_deadline", _past_deadline, now, int(limit))
+
+    async def waiting(self) -> list[Operation]:
+        # operations_waiting holds only these: a few per SA, however long the queues.
+        sql = (f"{_OP_SELECT} INDEXED BY operations_waiting"
+               f" WHERE state = '{QUEUED}' AND waiting_for IS NOT NULL ORDER BY seq")
+        return await self._run("waiting", _read_many, sql, [])
+
+    async def release_waiting(self, distribution_id: str, now: float) -> int:
+        return await self._run("release_waiting", _release_waiting, distribution_id, now)
 
     async def find_by_sa_transaction(
         self, distribution_id: str, sa_transaction_id: int
@@ -490,6 +490,8 @@ def _transition(
 ) -> Operation | None:
     """CAS state change (``expect``/``state`` None: plain update) with raw and events."""
     changes.setdefault("updated_at", now)
+    if state is not None and state != QUEUED:
+        changes.setdefault("waiting_for", None)  # only a queued order waits for its SA
     sets = [f"{name} = ?" for name in changes]
     args: list[Any] = [_op_value(name, value) for name, value in changes.items()]
     if state is not None:
@@ -513,20 +515,81 @@ def _transition(
     return _get_op(conn, "seq = ?", (row[0],))
 
 
-def _next_dispatchable(conn: sqlite3.Connection, now: float, limit: int) -> list[Operation]:
-    # Head of each SA's queue = its oldest queued operation; an SA with anything in `sending`
-    # is skipped whole (one send at a time, nothing overtakes). `started` blocks nothing.
-    # Both halves walk the (state, distribution_id, seq) index: cost ~ number of queued rows.
-    sql = f"""
-        {_OP_SELECT} WHERE seq IN (
-            SELECT MIN(seq) FROM operations WHERE state = ? GROUP BY distribution_id
-        ) AND not_before <= ? AND NOT EXISTS (
-            SELECT 1 FROM operations AS busy
-            WHERE busy.state = ? AND busy.distribution_id = operations.distribution_id
-        )
-        ORDER BY seq LIMIT ?"""
-    rows = conn.execute(sql, (QUEUED, now, SENDING, limit)).fetchall()
+def _list_sql(distribution_id: str | None, states: Collection[str] | None,
+              since: float | None, until: float | None) -> tuple[str, list[Any]]:
+    """list_operations' query, to which LIMIT and OFFSET are bound; "" if nothing matches.
+
+    Every plan reads rows already in (created_at, seq) order and stops after the page: one
+    index range, or with states one per state merged by SQLite (MERGE (UNION ALL)); never a
+    sort of every matching row (with an SA and states: a sort of that SA's rows in them).
+    """
+    where: list[str] = []
+    args: list[Any] = []
+    if distribution_id is not None:
+        where.append("distribution_id = ?")
+        args.append(distribution_id)
+    if since is not None:
+        where.append("created_at >= ?")
+        args.append(since)
+    if until is not None:
+        where.append("created_at < ?")
+        args.append(until)
+    order = " ORDER BY created_at, seq LIMIT ? OFFSET ?"
+    if states is None:
+        index = "operations_created" if distribution_id is None else "operations_sa_created"
+        sql = f"{_OP_SELECT} INDEXED BY {index}"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        return sql + order, args
+    index = "operations_state_created" if distribution_id is None else "operations_state_sa"
+    arms: list[str] = []
+    arm_args: list[Any] = []
+    for state in sorted(set(states)):
+        arms.append(f"{_OP_SELECT} INDEXED BY {index} WHERE "
+                    + " AND ".join(["state = ?", *where]))
+        arm_args += [state, *args]
+    return (" UNION ALL ".join(arms) + order if arms else ""), arm_args
+
+
+def _past_deadline(conn: sqlite3.Connection, now: float, limit: int) -> list[Operation]:
+    """At most ``limit`` due operations, earliest deadlines first, returned in submit order;
+    each half reads a partial index of only what has a deadline, from the earliest."""
+    due = []
+    for state, column, index in ((QUEUED, "expires_at", "operations_queued_expires"),
+                                 (STARTED, "done_deadline", "operations_started_done")):
+        due += [(row[column], row) for row in conn.execute(
+            f"{_OP_SELECT} INDEXED BY {index} WHERE state = '{state}' AND {column} <= ?"
+            f" ORDER BY {column} LIMIT ?", (now, limit))]
+    due.sort(key=lambda pair: (pair[0], pair[1]["seq"]))
+    rows = sorted((row for _, row in due[:limit]), key=lambda row: row["seq"])
     return _load_ops(conn, rows)
+
+
+def _next_dispatchable(conn: sqlite3.Connection, now: float, limit: int) -> list[Operation]:
+    # The head of an SA's queue is its oldest queued operation (sa_queues, kept by triggers).
+    # An SA with anything `sending` is skipped whole (one send at a time, nothing overtakes),
+    # and so is one whose head waits for the SA (release_waiting lets it go) or is not due
+    # yet; `started` blocks nothing. sa_queues_ready holds only SAs neither busy nor waiting,
+    # by the head's not_before: the pick reads the `limit` due longest and stops.
+    columns = ", ".join(f"op.{name}" for name in ("seq", *_OP_COLUMNS))
+    sql = f"""
+        SELECT {columns} FROM sa_queues AS q INDEXED BY sa_queues_ready
+        CROSS JOIN operations AS op ON op.seq = q.head_seq
+        WHERE q.head_seq IS NOT NULL AND q.waiting = 0 AND q.busy = 0 AND q.not_before <= ?
+            AND op.state = '{QUEUED}'
+        ORDER BY q.not_before, q.head_seq LIMIT ?"""
+    rows = conn.execute(sql, (now, limit)).fetchall()
+    return _load_ops(conn, rows)
+
+
+def _release_waiting(conn: sqlite3.Connection, distribution_id: str, now: float) -> int:
+    # operations_state_sa: one index range, the SA's queue.
+    return conn.execute(
+        "UPDATE operations SET waiting_for = NULL, not_before = MIN(not_before, ?),"
+        " updated_at = ? WHERE state = ? AND distribution_id = ?"
+        " AND (waiting_for IS NOT NULL OR not_before > ?)",
+        (now, now, QUEUED, distribution_id, now),
+    ).rowcount
 
 
 def _forget(conn: sqlite3.Connection, operation_id: str) -> bool:
@@ -545,7 +608,8 @@ def _purge_results(conn: sqlite3.Connection, older_than: float) -> int:
     seqs = [
         r[0]
         for r in conn.execute(
-            "UPDATE operations SET forgotten = 1, result = NULL"
+            # operations_purge: the final rows not yet forgotten, oldest first.
+            "UPDATE operations INDEXED BY operations_purge SET forgotten = 1, result = NULL"
             f" WHERE forgotten = 0 AND state IN ({FINAL_SQL}) AND updated_at < ?"
             " RETURNING seq",
             (older_than,),
@@ -604,9 +668,8 @@ def _add_events(conn: sqlite3.Connection, events: list[dict[str, Any]], now: flo
 def _backlog(conn: sqlite3.Connection) -> dict[str, int]:
     active = sorted(STATES - FINAL)
     counts = dict.fromkeys(active, 0)
-    counts.update(conn.execute(  # operations_state_sa: an index range per state
-        f"SELECT state, COUNT(*) FROM operations WHERE state IN ({_marks(len(active))})"
-        " GROUP BY state", active).fetchall())
+    # Kept by triggers as operations change (schema 5): a few rows, whatever the backlog.
+    counts.update(conn.execute("SELECT state, n FROM queue_counts").fetchall())
     counts["events"] = conn.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
     return counts
 
@@ -697,5 +760,5 @@ def _purge_orphan_dones(conn: sqlite3.Connection, older_than: float) -> int:
 
 # Calls that only read: a batch of nothing else takes no write lock (BEGIN DEFERRED), so they
 # never wait for another process writing the file.
-_READS = frozenset({_read_one, _read_many, _next_dispatchable, _sa_get, _sa_list,
-                    _pending_events, _backlog})
+_READS = frozenset({_read_one, _read_many, _next_dispatchable, _past_deadline, _sa_get,
+                    _sa_list, _pending_events, _backlog})

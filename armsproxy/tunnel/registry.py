@@ -86,6 +86,11 @@ class TunnelRegistry:
         """Confirmed, open tunnels of ``distid``, oldest first."""
         return [t for t in self._by_distid.get(distid, ()) if t.confirmed]
 
+    def held(self, distid: str) -> list[Tunnel]:
+        """Registered, open tunnels of ``distid``, also those re-running a confirmation (a
+        request given to one waits until it is confirmed again; no hook says when)."""
+        return [t for t in self._by_distid.get(distid, ()) if not t.closed]
+
     def pick(self, distid: str) -> Tunnel | None:
         """The live tunnel with the shortest queue; on a tie the one heard from last."""
         best: Tunnel | None = None
