@@ -249,6 +249,12 @@ class ListenerLimit:
     def refused(self) -> int:
         return self._over_cap.total + self._scarce.total
 
+    @property
+    def refusals(self) -> dict[str, int]:
+        """Refused since start by reason (``armsproxy_listener_refusals_total``): over
+        ``max_connections``, or too few descriptors free (``reserve``)."""
+        return {"max_connections": self._over_cap.total, "reserve": self._scarce.total}
+
     def admit(self, addr: IAddress | None) -> bool:
         if self.open >= self.max_connections:
             self._refuse()

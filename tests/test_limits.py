@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import pytest_twisted
 from conftest import http_get
+from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import reactor, task
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.web.resource import Resource
@@ -28,6 +29,7 @@ from twisted.web.resource import Resource
 from armsproxy import limits
 from armsproxy.config import ConfigError, embedded, load
 from armsproxy.demo_rs import cli as demo_cli
+from armsproxy.device import SimulatedSA
 from armsproxy.limits import (
     DescriptorBudget,
     ListenerLimit,
@@ -35,9 +37,9 @@ from armsproxy.limits import (
     raise_descriptor_limit,
 )
 from armsproxy.management import ManagementResource, ManagementSite
+from armsproxy.metrics import listener_counts
 from armsproxy.rs_gate import make_rs_gate_site, rs_gate_service
 from armsproxy.tap import build_services
-from armsproxy.tools.sasim import SimulatedSA
 
 ROOT = Path(__file__).parent.parent
 DISTID = "0001-0002-0003-0004-0005-0006-0007-0008"
@@ -149,6 +151,7 @@ async def test_a_dribbling_management_client_is_cut_at_the_request_deadline(logs
         clock.advance(0.1)
         await _until(idle.closed, "the idle keep-alive connection to end")
         assert site.cut.total == 1  # the idle one is not counted as cut, nor logged
+        assert listener_counts([], [site]) == {("management", "request_timeout"): 1}
         assert len(logs.find("management: connections closed", "10 s request_timeout")) == 1
     finally:
         dribbler.close()
@@ -288,8 +291,19 @@ async def test_over_cap_connections_are_refused_while_a_device_pulls(tmp_path, l
         for c in management:
             c.close()
         await _until(lambda: caps["management"].open == 0, "the management slots to free")
-        metrics = (await http_get(management_port, "/metrics")).body
-        assert 'armsproxy_sa_gate_refusals_total{reason="connection_limit"} 1' in metrics
+        metrics = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                   for f in text_string_to_metric_families(
+                       (await http_get(management_port, "/metrics")).body)
+                   for s in f.samples}
+        assert metrics[("armsproxy_sa_gate_refusals_total",
+                        (("reason", "connection_limit"),))] == 1
+        # The same refusals by listener and reason: 16 management, 1 device connection.
+        refusals = "armsproxy_listener_refusals_total"
+        assert metrics[(refusals, (("listener", "management"),
+                                   ("reason", "max_connections")))] == 16
+        assert metrics[(refusals, (("listener", "management"), ("reason", "reserve")))] == 0
+        assert metrics[(refusals, (("listener", "sa_gate"),
+                                   ("reason", "max_connections")))] == 1
         assert len(logs.find("management: connections refused")) == 1  # 16, one line
     finally:
         for c in management + devices:

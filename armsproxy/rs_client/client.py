@@ -14,6 +14,7 @@ import xmlrpc.client
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+from cryptography.hazmat.primitives import serialization
 from OpenSSL import SSL
 from twisted.internet import error, ssl
 from twisted.internet.defer import CancelledError, Deferred, succeed
@@ -36,6 +37,8 @@ from twisted.web.iweb import IBodyProducer, IPolicyForHTTPS, IResponse
 from zope.interface import implementer
 
 from armsproxy import __version__
+from armsproxy.metrics import Metrics
+from armsproxy.tls import load_pem_chain, load_pem_key
 
 __all__ = [
     "RSClient",
@@ -90,7 +93,7 @@ class _RSTLSPolicy:
     too expensive to repeat for every new pooled connection.
     """
 
-    def __init__(self, trust_root: Any, client_cert: ssl.PrivateCertificate | None) -> None:
+    def __init__(self, trust_root: Any, client_cert: dict[str, Any] | None) -> None:
         self._trust_root = trust_root
         self._client_cert = client_cert
         self._creators: dict[tuple[bytes, int], Any] = {}
@@ -102,7 +105,7 @@ class _RSTLSPolicy:
             creator = ssl.optionsForClientTLS(
                 hostname.decode("idna"),
                 trustRoot=self._trust_root,
-                clientCertificate=self._client_cert,
+                extraCertificateOptions=dict(self._client_cert or {}),
             )
             self._creators[key] = creator
         return creator
@@ -250,6 +253,26 @@ def _load_trust_root(ca_pem: bytes | None) -> Any:
     return ssl.trustRootFromCertificates([ssl.Certificate.loadPEM(p) for p in pems])
 
 
+def _load_client_certificate(pem: bytes) -> dict[str, Any]:
+    """Certificate (its chain after it) and key as ``CertificateOptions`` arguments, in the
+    ``cryptography`` objects pyOpenSSL takes: Twisted's ``clientCertificate=`` would hand
+    pyOpenSSL its own, deprecated, X509 and PKey."""
+    try:
+        certificate, *chain = load_pem_chain(pem)
+        key = load_pem_key(pem)
+    except ValueError as e:
+        raise ValueError(f"client_cert_pem: {e}") from None
+    if _spki(key.public_key()) != _spki(certificate.public_key()):
+        raise ValueError("client_cert_pem: the private key does not match the certificate")
+    return {"certificate": certificate, "privateKey": key, "extraCertChain": chain}
+
+
+def _spki(public_key: Any) -> bytes:
+    return public_key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
 class RSClient:
     """Call the RS's XML-RPC methods (design.md §4) with typed errors and a hard deadline.
 
@@ -258,6 +281,7 @@ class RSClient:
     ``task.Clock`` while the sockets stay real. Credentials in the URL's userinfo part are
     sent as HTTP Basic auth and never logged. ``idle_timeout`` closes pooled connections the
     RS left idle, keeping it below the RS's own keep-alive timeout avoids stale connections.
+    Every call is timed into ``metrics`` (``armsproxy_rs_call_duration_seconds``).
     """
 
     def __init__(
@@ -273,6 +297,7 @@ class RSClient:
         max_persistent_per_host: int = 8,
         idle_timeout: float = 60.0,
         clock: IReactorTime | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -293,6 +318,7 @@ class RSClient:
             self._headers[b"Authorization"] = [b"Basic " + token]
 
         self._clock: IReactorTime = clock if clock is not None else reactor
+        self._metrics = metrics if metrics is not None else Metrics()
         self._timeout = timeout
         self._max_response_bytes = max_response_bytes
 
@@ -303,9 +329,7 @@ class RSClient:
 
         if parts.scheme == "https":
             client_cert = (
-                ssl.PrivateCertificate.loadPEM(client_cert_pem)
-                if client_cert_pem is not None
-                else None
+                _load_client_certificate(client_cert_pem) if client_cert_pem is not None else None
             )
             policy: Any = _RSTLSPolicy(_load_trust_root(ca_pem), client_cert)
             self._agent = Agent(
@@ -347,6 +371,14 @@ class RSClient:
     async def event(self, event: dict[str, Any]) -> None:
         """Deliver one event; the RS's return value carries no meaning (design.md §4)."""
         await self._call("arms.event", (event,), repeatable=True)
+
+    async def events(self, events: list[dict[str, Any]]) -> None:
+        """Deliver several events in one call (``arms.events``), in order. A method-not-found
+        fault (-32601; Twisted's 8001) is expected from an RS without it: logged at debug,
+        the event outbox falls back to ``arms.event`` and says so itself."""
+        await self._call(
+            "arms.events", (events,), repeatable=True, expected_faults=frozenset({-32601, 8001})
+        )
 
     async def _struct_call(self, method: str, distid: str, info: dict[str, Any]) -> dict[str, Any]:
         answer = await self._call(method, (distid, info), repeatable=True)
@@ -390,6 +422,7 @@ class RSClient:
             exchange.cancel()
 
         timer = self._clock.callLater(self._timeout, on_deadline)
+        started = self._clock.seconds()
         try:
             answer = await exchange
         except Exception as e:
@@ -409,6 +442,7 @@ class RSClient:
                     )
                     raise RSUnavailable(f"unexpected {type(e).__name__}: {e}") from e
                 err = classified
+            self._metrics.rs_call(method, err, self._clock.seconds() - started)
             if isinstance(err, RSFault) and err.code in expected_faults:
                 _log.debug("RS call {method}: {reason}", method=method, reason=str(err))
             elif isinstance(err, RSFault):
@@ -421,6 +455,7 @@ class RSClient:
         finally:
             if timer.active():
                 timer.cancel()
+        self._metrics.rs_call(method, None, self._clock.seconds() - started)
         return answer
 
     async def _exchange(self, body: bytes, repeatable: bool) -> Any:
