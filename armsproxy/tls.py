@@ -20,6 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from OpenSSL import SSL, crypto
 from twisted.internet import ssl
 from twisted.internet.defer import Deferred
@@ -185,23 +189,50 @@ def _read_pems(path: str, what: str) -> bytes:
 
 
 _PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.S)
+_PEM_KEY = re.compile(
+    rb"-----BEGIN ([A-Z ]*)PRIVATE KEY-----.+?-----END \1PRIVATE KEY-----", re.S
+)
 
 
-def load_pem_chain(pem: bytes) -> list[crypto.X509]:
-    certs = [crypto.load_certificate(crypto.FILETYPE_PEM, m) for m in _PEM_CERT.findall(pem)]
+def load_pem_chain(pem: bytes) -> list[x509.Certificate]:
+    """Every certificate of a PEM file, in order, as the ``cryptography`` objects pyOpenSSL's
+    context takes (passing its own ``X509`` there is deprecated); other blocks are skipped."""
+    try:
+        certs = [x509.load_pem_x509_certificate(m) for m in _PEM_CERT.findall(pem)]
+    except ValueError as e:
+        raise ListenerConfigError(f"unreadable certificate: {e}") from None
     if not certs:
         raise ListenerConfigError("no PEM certificate found")
     return certs
 
 
+def load_pem_key(pem: bytes) -> PrivateKeyTypes:
+    """The first unencrypted private key of a PEM file (which may hold certificates too)."""
+    block = _PEM_KEY.search(pem)
+    if block is None:
+        raise ListenerConfigError("no PEM private key found")
+    try:
+        return serialization.load_pem_private_key(block.group(0), password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm) as e:
+        raise ListenerConfigError(f"unusable private key: {e}") from None
+
+
+def trust_store_certificates(certs: list[x509.Certificate]) -> list[crypto.X509]:
+    """pyOpenSSL's certificate store (``caCerts``, ``X509Store.add_cert``) takes only its own
+    ``X509`` objects, so trusted CAs are converted there and nowhere else."""
+    return [crypto.X509.from_cryptography(c) for c in certs]
+
+
 def certificate_options(
     cert_pem: bytes, key_pem: bytes, chain_pem: bytes | None, policy: TLSPolicy
 ) -> ssl.CertificateOptions:
+    """The SA gate's server options under ``policy``; unusable material is a
+    :class:`ListenerConfigError` at startup, not a failed handshake later."""
     try:
-        certificate = crypto.load_certificate(crypto.FILETYPE_PEM, cert_pem)
-        private_key = crypto.load_privatekey(crypto.FILETYPE_PEM, key_pem)
+        certificate = load_pem_chain(cert_pem)[0]
+        private_key = load_pem_key(key_pem)
         chain = load_pem_chain(chain_pem) if chain_pem else []
-    except (crypto.Error, ValueError) as e:
+    except ListenerConfigError as e:
         raise ListenerConfigError(f"unusable certificate or key: {e}") from None
     kwargs: dict[str, object] = {}
     minimum = TLS_VERSIONS[policy.minimum_version]
@@ -210,14 +241,20 @@ def certificate_options(
     else:
         kwargs["raiseMinimumTo"] = minimum
     if policy.client_ca_pem:
-        cas = load_pem_chain(policy.client_ca_pem)
+        cas = trust_store_certificates(load_pem_chain(policy.client_ca_pem))
         # VERIFY_PEER without FAIL_IF_NO_PEER_CERT: a device that has no certificate yet (its
         # first config-solicitation) must still get through (§2.1).
         kwargs.update(verify=True, caCerts=cas, requireCertificate=False)
     options = ssl.CertificateOptions(
         privateKey=private_key, certificate=certificate, extraCertChain=chain, **kwargs
     )
-    policy.apply(options.getContext())  # the context is created once and cached
+    try:
+        context = options.getContext()  # created once and cached; checks the key fits
+    except SSL.Error as e:
+        raise ListenerConfigError(f"unusable certificate or key: {ssl_error_text(e)}") from None
+    except TypeError as e:  # a key type OpenSSL contexts do not take
+        raise ListenerConfigError(f"unusable certificate or key: {e}") from None
+    policy.apply(context)
     return options
 
 

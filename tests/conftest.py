@@ -9,6 +9,7 @@ the server framed its answer on the wire.
 from __future__ import annotations
 
 import http.client
+import importlib
 import socket
 import ssl
 import time
@@ -20,11 +21,20 @@ from pathlib import Path
 import pytest
 import trustme
 from twisted.internet import reactor, threads
+from twisted.internet import ssl as twisted_ssl
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory
 from twisted.logger import formatEvent, globalLogPublisher
 
-from armsproxy.tls import TLSPolicy, tls_listener
+from armsproxy.tls import TLSPolicy, load_pem_chain, load_pem_key, tls_listener
+
+# twisted.web.xmlrpc subclasses the deprecated twisted.web.http.HTTPClient (twisted#12172), so
+# importing it warns on Twisted >= 24.7 whatever imports it. Import it once, that warning
+# silenced, so ``-W error::DeprecationWarning`` still catches our own.
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", r"twisted\.web\.http\.HTTPClient was deprecated",
+                            DeprecationWarning)
+    importlib.import_module("twisted.web.xmlrpc")
 
 # ---------------------------------------------------------------------------------------------
 # PKI
@@ -64,6 +74,20 @@ def gate_pki(tmp_path_factory) -> GatePKI:
     key_path.write_bytes(server.private_key_pem.bytes())
     cert_path.write_bytes(b"".join(blob.bytes() for blob in server.cert_chain_pems))
     return GatePKI(ca=ca, server=server, client=client, key_path=key_path, cert_path=cert_path)
+
+
+def tls_server_options(
+    pem: bytes, *, client_ca_pem: bytes | None = None, **kwargs: object
+) -> twisted_ssl.CertificateOptions:
+    """A test listener's options from one PEM (key and certificate chain, any order) via
+    ``cryptography`` objects: ``PrivateCertificate.options()`` would hand pyOpenSSL its own,
+    deprecated, X509 and PKey. With ``client_ca_pem`` a client certificate is required."""
+    certificate, *chain = load_pem_chain(pem)
+    if client_ca_pem is not None:
+        kwargs["trustRoot"] = twisted_ssl.Certificate.loadPEM(client_ca_pem)
+    return twisted_ssl.CertificateOptions(
+        privateKey=load_pem_key(pem), certificate=certificate, extraCertChain=chain, **kwargs
+    )
 
 
 async def start_gate(

@@ -7,6 +7,7 @@ import stat
 
 import pytest
 import pytest_twisted
+from conftest import tls_server_options
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -189,9 +190,8 @@ async def test_real_tls_with_dev_server_cert_and_sa_client_cert(tmp_path):
     dev = pki.ensure_dev_pki(tmp_path, ["127.0.0.1"])
     sa = pki.issue_sa_cert(dev.ca, DISTID)
     ca_cert = ssl.Certificate.loadPEM(dev.ca.cert_pem)
-    server_opts = ssl.PrivateCertificate.loadPEM(dev.server.cert_pem + dev.server.key_pem).options(
-        ca_cert
-    )
+    server_opts = tls_server_options((dev.server.cert_pem + dev.server.key_pem).encode(),
+                                     client_ca_pem=dev.ca.cert_pem.encode())
     seen_client = []
 
     class Server(_Echo):
@@ -206,7 +206,8 @@ async def test_real_tls_with_dev_server_cert_and_sa_client_cert(tmp_path):
         client_opts = ssl.optionsForClientTLS(
             "127.0.0.1",
             trustRoot=ca_cert,
-            clientCertificate=ssl.PrivateCertificate.loadPEM(sa.cert_pem + sa.key_pem),
+            # cryptography objects: clientCertificate= hands pyOpenSSL deprecated ones.
+            extraCertificateOptions={"certificate": sa.certificate, "privateKey": sa.private_key},
         )
         client = _Client()
         factory = protocol.ClientFactory.forProtocol(lambda: client)

@@ -19,7 +19,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from OpenSSL import crypto
+from OpenSSL import SSL, crypto
 from twisted.internet import defer, reactor, ssl, task
 from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Factory, Protocol
@@ -182,7 +182,7 @@ class SAConnection(Protocol):
         self.handshake_done = True
         cert = self.transport.getPeerCertificate()
         if cert is not None:
-            self.peer_cert = crypto.dump_certificate(crypto.FILETYPE_ASN1, cert)
+            self.peer_cert = cert.to_cryptography().public_bytes(serialization.Encoding.DER)
 
     @property
     def data(self) -> bytes:
@@ -220,6 +220,14 @@ class SAConnection(Protocol):
         self.closed.callback(None)
 
 
+_OPENSSL_VERSION = {
+    ssl.TLSVersion.TLSv1_0: SSL.TLS1_VERSION,
+    ssl.TLSVersion.TLSv1_1: SSL.TLS1_1_VERSION,
+    ssl.TLSVersion.TLSv1_2: SSL.TLS1_2_VERSION,
+    ssl.TLSVersion.TLSv1_3: SSL.TLS1_3_VERSION,
+}
+
+
 class _UnbufferedTLSFactory(TLSMemoryBIOFactory):
     protocol = TLSMemoryBIOProtocol
 
@@ -249,17 +257,20 @@ class FakeSA:
                 caCerts=[crypto.load_certificate(crypto.FILETYPE_PEM, client_ca.cert_pem.bytes())],
                 requireCertificate=False,
             )
-        if tls_version is not None:
-            if tls_version < ssl.TLSVersion.TLSv1_2:
-                kwargs["insecurelyLowerMinimumTo"] = tls_version
-            kwargs["lowerMaximumSecurityTo"] = tls_version
+        if tls_version is not None and tls_version < ssl.TLSVersion.TLSv1_2:
+            kwargs["insecurelyLowerMinimumTo"] = tls_version
         options = ssl.CertificateOptions(
             privateKey=serialization.load_pem_private_key(identity.key_pem, None),
             certificate=x509.load_pem_x509_certificate(identity.cert_pem),
             **kwargs,
         )
-        if tls_version is not None and tls_version < ssl.TLSVersion.TLSv1_2:
-            options.getContext().set_cipher_list(b"DEFAULT:@SECLEVEL=0")
+        if tls_version is not None:
+            # Not lowerMaximumSecurityTo=: before Twisted 25 it also excluded that very version
+            # (twisted#10232).
+            context = options.getContext()
+            context.set_max_proto_version(_OPENSSL_VERSION[tls_version])
+            if tls_version < ssl.TLSVersion.TLSv1_2:
+                context.set_cipher_list(b"DEFAULT:@SECLEVEL=0")
         factory = _UnbufferedTLSFactory(
             options, False, Factory.forProtocol(lambda: SAConnection(self)))
         port = reactor.listenTCP(0, factory, interface=interface)

@@ -8,10 +8,11 @@ from xmlrpc.client import dumps as xmlrpc_dumps
 import pytest
 import pytest_twisted
 import trustme
+from conftest import tls_server_options
 from twisted.internet import defer, protocol, reactor, ssl, task
 from twisted.logger import globalLogPublisher
 from twisted.protocols.policies import WrappingFactory
-from twisted.web import resource, server, xmlrpc
+from twisted.web import pages, resource, server, xmlrpc
 
 from armsproxy import __version__
 from armsproxy.rs_client import (
@@ -197,11 +198,18 @@ def ca():
     return trustme.CA()
 
 
+class NotFoundRoot(resource.Resource):
+    """Unknown paths get ``pages.notFound()``: the default ``NoResource`` is deprecated."""
+
+    def getChild(self, path: bytes, request: server.Request) -> resource.IResource:
+        return pages.notFound()
+
+
 class Harness:
     def __init__(self, ca: trustme.CA) -> None:
         self.ca = ca
         self.rs = FakeRS()
-        self.root = resource.Resource()
+        self.root = NotFoundRoot()
         self.root.putChild(b"RPC2", self.rs)
         self.ports: list = []
         self.factories: list[CountingFactory] = []
@@ -218,11 +226,9 @@ class Harness:
         return port.getHost().port, factory
 
     def server_tls(self, identity: str = "127.0.0.1", require_client_cert: bool = False):
-        cert = self.ca.issue_cert(identity)
-        priv = ssl.PrivateCertificate.loadPEM(cert.private_key_and_cert_chain_pem.bytes())
-        if require_client_cert:
-            return priv.options(ssl.Certificate.loadPEM(self.ca.cert_pem.bytes()))
-        return priv.options()
+        pem = self.ca.issue_cert(identity).private_key_and_cert_chain_pem.bytes()
+        return tls_server_options(
+            pem, client_ca_pem=self.ca.cert_pem.bytes() if require_client_cert else None)
 
     def client(self, url: str, **kw) -> RSClient:
         c = RSClient(reactor, url, **kw)

@@ -18,11 +18,11 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from conftest import GatePKI, start_gate
+from conftest import GatePKI, start_gate, tls_server_options
 from twisted.internet import defer, reactor, task
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.ssl import Certificate, PrivateCertificate, optionsForClientTLS
+from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.internet.testing import StringTransport
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
@@ -271,7 +271,7 @@ class Env:
         factory = Factory.forProtocol(lambda: GateStandIn(self))
         if unbuffered:
             pem = self.pki.server.private_key_and_cert_chain_pem.bytes()
-            options = PrivateCertificate.loadPEM(pem).options()
+            options = tls_server_options(pem)
             endpoint = TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1")
             self.port = await endpoint.listen(UnbufferedTLS(options, False, factory))
         else:

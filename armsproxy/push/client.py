@@ -24,7 +24,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from OpenSSL import SSL, crypto
 from service_identity import CertificateError, VerificationError
-from service_identity.pyopenssl import verify_ip_address
+from service_identity.cryptography import verify_certificate_ip_address
 from twisted.internet import error
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
@@ -45,7 +45,13 @@ from zope.interface import implementer
 from armsproxy.arms.framing import FramingError, SAPushResponse, parse_sa_push_response
 from armsproxy.arms.framing import build_push_request as _build_push_request
 from armsproxy.arms.urls import parse_sa_url
-from armsproxy.tls import HandshakeFailures, TLSPolicy, ssl_error_text, ssl_failure_reason
+from armsproxy.tls import (
+    HandshakeFailures,
+    TLSPolicy,
+    ssl_error_text,
+    ssl_failure_reason,
+    trust_store_certificates,
+)
 
 __all__ = [
     "DEFAULT_MAX_ANSWER_BYTES",
@@ -159,14 +165,22 @@ class PushAnswer:
 # --------------------------------------------------------------------------------------------
 
 
-def _load_certificates(pem: bytes, what: str) -> list[crypto.X509]:
+def _load_certificates(pem: bytes, what: str) -> list[x509.Certificate]:
+    """``cryptography`` certificates: what pyOpenSSL's context takes (its own X509 is
+    deprecated there); only the trust store converts them."""
     blocks = _PEM_CERT.findall(pem)
     if not blocks:
         raise ValueError(f"{what} holds no PEM certificate")
     try:
-        return [crypto.load_certificate(crypto.FILETYPE_PEM, block) for block in blocks]
-    except crypto.Error as e:
+        return [x509.load_pem_x509_certificate(block) for block in blocks]
+    except ValueError as e:
         raise ValueError(f"{what}: unreadable certificate: {e}") from None
+
+
+def _der(cert: crypto.X509) -> bytes:
+    """The DER of a certificate pyOpenSSL hands us, read through ``cryptography`` (pyOpenSSL's
+    own certificate API is on its way out)."""
+    return cert.to_cryptography().public_bytes(serialization.Encoding.DER)
 
 
 def _pin_der(pinned_certificate_pem: str | None) -> bytes | None:
@@ -225,7 +239,7 @@ class _Verification:
                 )
             return False
         if depth == 0 and self.pin is not None:
-            presented = crypto.dump_certificate(crypto.FILETYPE_ASN1, cert)
+            presented = _der(cert)
             if presented != self.pin:
                 if self.failure is None:
                     self.failure_kind = "pin_mismatch"
@@ -261,10 +275,10 @@ class _ConnectionCreator:
         return connection
 
 
-def _ip_san_problem(connection: SSL.Connection, cert: crypto.X509, host: str) -> str | None:
+def _ip_san_problem(cert: x509.Certificate, host: str) -> str | None:
     """Check an IP SAN only when the leaf has one (SA certificates may carry none)."""
     try:
-        san = cert.to_cryptography().extensions.get_extension_for_class(
+        san = cert.extensions.get_extension_for_class(
             x509.SubjectAlternativeName
         )
     except x509.ExtensionNotFound:
@@ -275,7 +289,7 @@ def _ip_san_problem(connection: SSL.Connection, cert: crypto.X509, host: str) ->
     if not addresses:
         return None
     try:
-        verify_ip_address(connection, host)
+        verify_certificate_ip_address(cert, host)
     except (VerificationError, CertificateError):
         listed = ", ".join(str(a) for a in addresses)
         return f"SA certificate IP SAN mismatch: {host} not in [{listed}]"
@@ -415,7 +429,7 @@ class _Exchange:
         if connection is None or cert is None:
             self._fail(_tls_error("SA presented no certificate", "no_certificate"))
             return
-        der = crypto.dump_certificate(crypto.FILETYPE_ASN1, cert)
+        der = _der(cert)
         self._peer_sha256 = hashlib.sha256(der).hexdigest()
         pin = self._verification.pin
         problem, kind = self._verification.failure, self._verification.failure_kind
@@ -423,7 +437,7 @@ class _Exchange:
             problem = "SA certificate pin mismatch after the handshake"  # belt and braces
             kind = "pin_mismatch"
         if problem is None:
-            problem, kind = _ip_san_problem(connection, cert, self._host), "ip_mismatch"
+            problem, kind = _ip_san_problem(cert.to_cryptography(), self._host), "ip_mismatch"
         if problem is not None:
             self._fail(_tls_error(problem, kind))
             return
@@ -568,13 +582,11 @@ class SAPushClient:
         self._max_answer_bytes = max_answer_bytes
         self.handshake_failures = (handshake_failures if handshake_failures is not None
                                    else HandshakeFailures(self._clock))
-        self._cas = _load_certificates(sa_ca_pem, "sa_ca_pem")
+        self._cas = trust_store_certificates(_load_certificates(sa_ca_pem, "sa_ca_pem"))
         self._client_certs: list[x509.Certificate] = []
         self._client_key: Any = None
         if client_cert_pem is not None:
-            self._client_certs = [
-                c.to_cryptography() for c in _load_certificates(client_cert_pem, "client_cert_pem")
-            ]
+            self._client_certs = _load_certificates(client_cert_pem, "client_cert_pem")
             key_block = _PEM_KEY.search(client_cert_pem)
             if key_block is None:
                 raise ValueError("client_cert_pem holds no private key")

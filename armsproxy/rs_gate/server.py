@@ -10,14 +10,11 @@ buffer an unbounded upload; connections are capped and each call must be answere
 
 from __future__ import annotations
 
-import re
 from io import BytesIO
 from pathlib import Path
 from typing import Any
 
-from cryptography import x509
-from cryptography.hazmat.primitives.serialization import load_pem_private_key
-from OpenSSL import SSL, crypto
+from OpenSSL import SSL
 from twisted.application import service
 from twisted.internet import defer, ssl
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
@@ -31,8 +28,11 @@ from ..tls import (
     ListenerConfigError,
     TLSListener,
     load_pem_chain,
+    load_pem_key,
     server_endpoint,
     split_endpoint,
+    ssl_error_text,
+    trust_store_certificates,
 )
 
 log = Logger()
@@ -43,8 +43,6 @@ DEFAULT_MAX_CONNECTIONS = 64
 # Seconds from a connection's start, or the end of the previous answer, to the end of the next.
 DEFAULT_REQUEST_TIMEOUT = 60.0
 UNIX_DEFAULT_MODE = "600"  # Twisted's own default (666) would let any local user push
-_PEM_KEY = re.compile(rb"-----BEGIN ([A-Z ]*)PRIVATE KEY-----.+?-----END \1PRIVATE KEY-----",
-                      re.S)
 _LOOPBACK = {"127.0.0.1", "::1", "localhost"}
 _TOO_LARGE = (b"HTTP/1.1 413 Request Entity Too Large\r\nContent-Length: 0\r\n"
               b"Connection: close\r\n\r\n")
@@ -222,16 +220,12 @@ def tls_options(cert_pem: bytes, key_pem: bytes, chain_pem: bytes | None,
             "the RS's client certificate"
         )
     try:
-        # cryptography objects where pyOpenSSL takes them (its own X509/PKey are deprecated);
-        # the CA store still wants pyOpenSSL certificates.
         # A certificate file may hold its chain after it, and a key file its certificate.
-        certificate, *chain = x509.load_pem_x509_certificates(cert_pem)
-        chain += x509.load_pem_x509_certificates(chain_pem) if chain_pem else []
-        key_block = _PEM_KEY.search(key_pem)
-        if key_block is None:
-            raise ValueError("no PEM private key found")
-        private_key = load_pem_private_key(key_block.group(), password=None)
-        client_cas = load_pem_chain(client_ca_pem) if client_ca_pem else []
+        certificate, *chain = load_pem_chain(cert_pem)
+        chain += load_pem_chain(chain_pem) if chain_pem else []
+        private_key = load_pem_key(key_pem)
+        client_cas = trust_store_certificates(load_pem_chain(client_ca_pem)) \
+            if client_ca_pem else []
         kwargs: dict[str, Any] = {}
         if client_cas:
             kwargs.update(verify=True, caCerts=client_cas,
@@ -241,7 +235,10 @@ def tls_options(cert_pem: bytes, key_pem: bytes, chain_pem: bytes | None,
             raiseMinimumTo=ssl.TLSVersion.TLSv1_2, **kwargs,
         )
         options.getContext()  # build it now: a key that does not fit fails at startup
-    except (crypto.Error, SSL.Error, ValueError, TypeError) as e:
+    except SSL.Error as e:
+        raise ListenerConfigError(
+            f"RS gate listener: unusable certificate or key: {ssl_error_text(e)}") from None
+    except (ValueError, TypeError) as e:  # ListenerConfigError included; TypeError: key type
         raise ListenerConfigError(f"RS gate listener: unusable certificate or key: {e}") \
             from None
     return options
