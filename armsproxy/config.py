@@ -2,24 +2,46 @@
 
 Everything a device will be handed (public URLs) is checked at startup against the rules
 libarms applies (§2.2), so a bad value stops the process with a clear message instead of
-silently stranding devices later.
+silently stranding devices later. The file itself is checked as strictly: an unknown section
+or key (a typo that would silently leave a default in force), a value that is not a number
+where one is expected, are errors naming the file, the section and the key. :func:`check`
+does what the start does with the files the configuration names, short of binding.
 """
 
 from __future__ import annotations
 
 import configparser
+import difflib
+import math
+import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from .arms.urls import url_problems
 from .tls import TLS_VERSIONS
 
 PUSH_METHODS = ("https-simple", "https-tunnel")
+T = TypeVar("T")
 
 
 class ConfigError(ValueError):
-    """The configuration cannot be used; the message lists every problem found."""
+    """The configuration cannot be used; the message lists every problem found.
+
+    ``problems`` are ``[section] key: problem`` lines (or just the problem, for a file that
+    cannot be read at all), ``source`` the file (or "embedded default").
+    """
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        self.source = source
+        self.problems = list(problems)
+        super().__init__(f"{source}:\n  " + "\n  ".join(self.problems))
+
+    def lines(self) -> list[str]:
+        """One ``FILE: [section] key: problem`` line per problem, for a terminal or a log."""
+        return [f"{self.source}: {problem}" for problem in self.problems]
 
 
 @dataclass(slots=True)
@@ -43,6 +65,7 @@ class Config:
     rs_client_certificate: Path | None = None
     rs_timeout: float = 15.0
     key_cache_ttl: float = 300.0
+    rs_event_batch: int = 100  # events per arms.events call (event outbox)
     # push negotiation
     push_methods: list[str] = field(default_factory=lambda: ["https-simple"])
     tunnel_urls: list[str] = field(default_factory=list)
@@ -103,11 +126,6 @@ def _list(value: str) -> list[str]:
     return [item for item in value.replace(",", " ").split() if item]
 
 
-def _cap(value: str) -> int | None:
-    """A connection cap: a number, or ``auto`` (None) for one derived from the descriptors."""
-    return None if value.strip().lower() == "auto" else int(value)
-
-
 def _path(value: str | None, base: Path) -> Path | None:
     if not value:
         return None
@@ -115,7 +133,187 @@ def _path(value: str | None, base: Path) -> Path | None:
     return p if p.is_absolute() else base / p
 
 
+# Endpoint-string arguments that name files or directories (Twisted's ssl: and unix:, and
+# ours): resolved against the configuration file like every other path.
+ENDPOINT_PATH_KEYS = frozenset({"privateKey", "certKey", "extraCertChain", "caCertsDir",
+                                "dhParameters", "address"})
+
+
+def _raw_fields(description: str) -> list[str]:
+    """An endpoint string's ``:``-separated fields, escapes (``\\:``) kept as written."""
+    fields, current, escaped = [], [], False
+    for ch in description:
+        if escaped:
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+        elif ch == ":":
+            fields.append("".join(current))
+            current = []
+            continue
+        current.append(ch)
+    fields.append("".join(current))
+    return fields
+
+
+def _unescape(raw: str) -> str:
+    out, escaped = [], False
+    for ch in raw:
+        if escaped or ch != "\\":
+            out.append(ch)
+            escaped = False
+        else:
+            escaped = True
+    return "".join(out)
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace(":", "\\:").replace("=", "\\=")
+
+
+def resolve_endpoint_paths(description: str, base: Path) -> str:
+    """``description`` with its relative file paths (``privateKey=``, ``certKey=``,
+    ``extraCertChain=``, ``caCertsDir=``, ``dhParameters=``, a ``unix:`` socket) made
+    absolute against ``base``; everything else exactly as written."""
+    fields = _raw_fields(description)
+    kind = fields[0]
+    for i, raw in enumerate(fields[1:], start=1):
+        key, sep, value = raw.partition("=")
+        if sep and "\\" not in key and key in ENDPOINT_PATH_KEYS:
+            if key == "address" and kind != "unix":
+                continue
+            path = _unescape(value)
+            if path and not Path(path).is_absolute():
+                fields[i] = f"{key}={_escape(str(base / path))}"
+        elif not sep and i == 1 and kind == "unix":
+            path = _unescape(raw)
+            if path and not Path(path).is_absolute():
+                fields[i] = _escape(str(base / path))
+    return ":".join(fields)
+
+
+def endpoint_summary(description: str) -> str:
+    """``description`` without its key and certificate paths: the listener as a message
+    names it (``ssl:443:interface=203.0.113.20``)."""
+    fields = _raw_fields(description)
+    hidden = ENDPOINT_PATH_KEYS - {"address"}
+    return ":".join(f for f in fields if f.partition("=")[0] not in hidden)
+
+
+class _Reader:
+    """Reads typed values from the parsed file, recording every key it was asked for (so
+    the keys nobody asked for are the unknown ones) and every value it could not use."""
+
+    _BOOLEANS = {"1": True, "yes": True, "true": True, "on": True,
+                 "0": False, "no": False, "false": False, "off": False}
+
+    def __init__(self, parser: configparser.ConfigParser, base: Path) -> None:
+        self.parser = parser
+        self.base = base
+        self.known: dict[str, list[str]] = {}
+        self.problems: list[str] = []
+
+    def _raw(self, section: str, key: str) -> str | None:
+        self.known.setdefault(section, []).append(key)
+        return self.parser.get(section, key, fallback=None)
+
+    def _typed(self, section: str, key: str, default: T, convert: Callable[[str], T],
+               expected: str) -> T:
+        raw = self._raw(section, key)
+        if raw is None:
+            return default
+        try:
+            return convert(raw.strip())
+        except ValueError:
+            self.problems.append(f"[{section}] {key}: {raw!r} is not {expected}")
+            return default
+
+    def str(self, section: str, key: str, default: str) -> str:
+        raw = self._raw(section, key)
+        return default if raw is None else raw
+
+    def optional(self, section: str, key: str) -> str | None:
+        return self._raw(section, key) or None
+
+    def int(self, section: str, key: str, default: int) -> int:
+        return self._typed(section, key, default, int, "a whole number")
+
+    def float(self, section: str, key: str, default: float) -> float:
+        def finite(text: str) -> float:
+            value = float(text)
+            if not math.isfinite(value):
+                raise ValueError(text)
+            return value
+        return self._typed(section, key, default, finite, "a (finite) number")
+
+    def bool(self, section: str, key: str, default: bool) -> bool:
+        def boolean(text: str) -> bool:
+            try:
+                return self._BOOLEANS[text.lower()]
+            except KeyError:
+                raise ValueError(text) from None
+        return self._typed(section, key, default, boolean, "yes or no")
+
+    def cap(self, section: str, key: str) -> int | None:
+        """A connection cap: a number, or ``auto`` (None) for one derived from the
+        descriptors."""
+        return self._typed(section, key, None,
+                           lambda text: None if text.lower() == "auto" else int(text),
+                           "auto or a whole number")
+
+    def path(self, section: str, key: str, default: str | None = None) -> Path | None:
+        return _path(self.str(section, key, default or "") or None, self.base)
+
+    def endpoint(self, section: str, key: str, default: str) -> str:
+        return resolve_endpoint_paths(self.str(section, key, default), self.base)
+
+    def unknown(self) -> list[str]:
+        """Every section and key of the file that armsproxy does not read, with the
+        nearest one it does."""
+        problems = []
+        all_keys = {(s, k) for s, keys in self.known.items() for k in keys}
+        for section in self.parser.sections():
+            if section not in self.known:
+                near = difflib.get_close_matches(section, list(self.known), n=1)
+                if section.upper() == "DEFAULT":
+                    hint = " (not supported: each key goes in its own section)"
+                elif near:
+                    hint = f" (did you mean [{near[0]}]?)"
+                else:
+                    hint = f" (sections: {', '.join(f'[{s}]' for s in self.known)})"
+                problems.append(f"[{section}]: unknown section{hint}")
+                continue
+            for key in self.parser.options(section):
+                if (section, key) in all_keys:
+                    continue
+                problems.append(f"[{section}] {key}: unknown key{self._hint(section, key)}")
+        return problems
+
+    def _hint(self, section: str, key: str) -> str:
+        elsewhere = [s for s, keys in self.known.items() if key in keys]
+        if elsewhere:
+            return f" (did you mean [{elsewhere[0]}] {key}?)"
+        near = difflib.get_close_matches(key, self.known[section], n=1)
+        if near:
+            return f" (did you mean {near[0]}?)"
+        everywhere = {f"[{s}] {k}": k for s, keys in self.known.items() for k in keys}
+        near = difflib.get_close_matches(key, list(everywhere.values()), n=1)
+        if near:
+            where = next(name for name, k in everywhere.items() if k == near[0])
+            return f" (did you mean {where}?)"
+        return ""
+
+
 def validate(cfg: Config) -> Config:
+    """``cfg`` if it can be used, else :class:`ConfigError` with every problem."""
+    problems = value_problems(cfg)
+    if problems:
+        raise ConfigError(cfg.source, problems)
+    return cfg
+
+
+def value_problems(cfg: Config) -> list[str]:
+    """What is wrong with the values themselves (URLs per libarms, ranges, combinations)."""
     problems: list[str] = []
     if not cfg.public_urls:
         problems.append("[sa_gate] public_urls: at least one URL is required")
@@ -148,6 +346,8 @@ def validate(cfg: Config) -> Config:
                         "devices are told to open their tunnels at)")
     if not cfg.rs_url.startswith(("http://", "https://")):
         problems.append(f"[rs] url: {cfg.rs_url!r} is not an http(s) URL")
+    if not 1 <= cfg.rs_event_batch <= 1000:
+        problems.append("[rs] event_batch: 1..1000 events per arms.events call")
     if cfg.relay_budget >= 28:
         problems.append("[sa_gate] relay_budget: must stay well under the SA's 30 s limit")
     if not 1 <= cfg.echo_interval <= 3600:
@@ -184,85 +384,82 @@ def validate(cfg: Config) -> Config:
     if cfg.management_request_timeout <= 5:
         problems.append("[management] request_timeout: more than 5 seconds (/readyz waits up "
                         "to 5 s for the store)")
-    if problems:
-        raise ConfigError(f"{cfg.source}:\n  " + "\n  ".join(problems))
-    return cfg
+    return problems
 
 
 def load(path: Path) -> Config:
-    parser = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=("#", ";"))
+    """The configuration in ``path``; :class:`ConfigError` lists every problem of the file
+    and its values (not those of the files it names: see :func:`check`)."""
+    # No DEFAULT section: its keys would be copied into every section, unknown everywhere.
+    parser = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=("#", ";"),
+                                       default_section="\0no default section")
     try:
         with path.open(encoding="utf-8") as f:
             parser.read_file(f)
     except OSError as e:
-        raise ConfigError(f"{path}: {e.strerror}") from None
+        raise ConfigError(str(path), [str(e.strerror)]) from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(str(path), [f"not UTF-8 text: {e.reason} at byte {e.start}"]) \
+            from None
     except configparser.Error as e:
-        raise ConfigError(f"{path}: {e}") from None
-    base = path.parent
-    get = parser.get
-    try:
-        data_dir = _path(get("armsproxy", "data_dir", fallback="/var/lib/armsproxy"), base)
-        assert data_dir is not None
-        cfg = Config(
-            data_dir=data_dir,
-            sa_listen=get("sa_gate", "listen", fallback=""),
-            tunnel_listen=get("sa_gate", "tunnel_listen", fallback=""),
-            public_urls=_list(get("sa_gate", "public_urls", fallback="")),
-            tls_minimum_version=get("sa_gate", "tls_minimum_version", fallback="1.2"),
-            client_ca=_path(get("sa_gate", "client_ca", fallback=None), base),
-            max_body=parser.getint("sa_gate", "max_body", fallback=1024 * 1024),
-            request_timeout=parser.getfloat("sa_gate", "request_timeout", fallback=20.0),
-            relay_budget=parser.getfloat("sa_gate", "relay_budget", fallback=20.0),
-            max_connections=_cap(get("sa_gate", "max_connections", fallback="auto")),
-            tunnel_max_connections=_cap(get("sa_gate", "tunnel_max_connections",
-                                            fallback="auto")),
-            rs_url=get("rs", "url", fallback=""),
-            rs_ca=_path(get("rs", "ca", fallback=None), base),
-            rs_client_certificate=_path(get("rs", "client_certificate", fallback=None), base),
-            rs_timeout=parser.getfloat("rs", "timeout", fallback=15.0),
-            key_cache_ttl=parser.getfloat("rs", "key_cache_ttl", fallback=300.0),
-            push_methods=_list(get("push", "methods", fallback="https-simple")),
-            tunnel_urls=_list(get("push", "tunnel_urls", fallback="")),
-            echo_interval=parser.getint("push", "echo_interval", fallback=60),
-            sa_ca=_path(get("push", "sa_ca", fallback=None), base),
-            push_client_certificate=_path(get("push", "client_certificate", fallback=None),
-                                          base),
-            result_url=get("push", "result_url", fallback=None),
-            max_attempts=parser.getint("push", "max_attempts", fallback=6),
-            retry_base=parser.getfloat("push", "retry_base", fallback=5.0),
-            retry_cap=parser.getfloat("push", "retry_cap", fallback=300.0),
-            busy_delay=parser.getfloat("push", "busy_delay", fallback=30.0),
-            done_timeout=parser.getfloat("push", "done_timeout", fallback=900.0),
-            interrupted_grace=parser.getfloat("push", "interrupted_grace", fallback=120.0),
-            default_expires_in=parser.getfloat("push", "default_expires_in",
-                                               fallback=86400.0),
-            endpoint_from_peer=parser.getboolean("push", "endpoint_from_peer",
-                                                 fallback=False),
-            orphan_dones_max_per_sa=parser.getint("push", "orphan_dones_max_per_sa",
-                                                  fallback=32),
-            orphan_dones_ttl=parser.getfloat("push", "orphan_dones_ttl", fallback=3600.0),
-            orphan_done_max_bytes=parser.getint("push", "orphan_done_max_bytes",
-                                                fallback=262144),
-            store_path=_path(get("store", "path", fallback=None), base),
-            results_ttl=parser.getfloat("store", "results_ttl", fallback=7 * 86400.0),
-            rs_gate_listen=get("rs_gate", "listen", fallback="tcp:8780:interface=127.0.0.1"),
-            rs_gate_client_ca=_path(get("rs_gate", "client_ca", fallback=None), base),
-            rs_gate_max_connections=parser.getint("rs_gate", "max_connections", fallback=64),
-            rs_gate_request_timeout=parser.getfloat("rs_gate", "request_timeout",
-                                                    fallback=60.0),
-            management_listen=get("management", "listen", fallback=""),
-            management_max_connections=parser.getint("management", "max_connections",
-                                                     fallback=16),
-            management_request_timeout=parser.getfloat("management", "request_timeout",
-                                                       fallback=10.0),
-            demo_rs=parser.getboolean("demo_rs", "enabled", fallback=False),
-            demo_rs_listen=get("demo_rs", "listen", fallback="tcp:8790:interface=127.0.0.1"),
-            demo_rs_db=_path(get("demo_rs", "db", fallback=None), base),
-            source=str(path),
-        )
-    except ValueError as e:
-        raise ConfigError(f"{path}: {e}") from None
-    return validate(cfg)
+        raise ConfigError(str(path), [" ".join(str(e).split())]) from None
+    r = _Reader(parser, path.parent)
+    data_dir = r.path("armsproxy", "data_dir", "/var/lib/armsproxy")
+    assert data_dir is not None
+    cfg = Config(
+        data_dir=data_dir,
+        sa_listen=r.endpoint("sa_gate", "listen", ""),
+        tunnel_listen=r.endpoint("sa_gate", "tunnel_listen", ""),
+        public_urls=_list(r.str("sa_gate", "public_urls", "")),
+        tls_minimum_version=r.str("sa_gate", "tls_minimum_version", "1.2").strip(),
+        client_ca=r.path("sa_gate", "client_ca"),
+        max_body=r.int("sa_gate", "max_body", 1024 * 1024),
+        request_timeout=r.float("sa_gate", "request_timeout", 20.0),
+        relay_budget=r.float("sa_gate", "relay_budget", 20.0),
+        max_connections=r.cap("sa_gate", "max_connections"),
+        tunnel_max_connections=r.cap("sa_gate", "tunnel_max_connections"),
+        rs_url=r.str("rs", "url", "").strip(),
+        rs_ca=r.path("rs", "ca"),
+        rs_client_certificate=r.path("rs", "client_certificate"),
+        rs_timeout=r.float("rs", "timeout", 15.0),
+        key_cache_ttl=r.float("rs", "key_cache_ttl", 300.0),
+        rs_event_batch=r.int("rs", "event_batch", 100),
+        push_methods=_list(r.str("push", "methods", "https-simple")),
+        tunnel_urls=_list(r.str("push", "tunnel_urls", "")),
+        echo_interval=r.int("push", "echo_interval", 60),
+        sa_ca=r.path("push", "sa_ca"),
+        push_client_certificate=r.path("push", "client_certificate"),
+        result_url=r.optional("push", "result_url"),
+        max_attempts=r.int("push", "max_attempts", 6),
+        retry_base=r.float("push", "retry_base", 5.0),
+        retry_cap=r.float("push", "retry_cap", 300.0),
+        busy_delay=r.float("push", "busy_delay", 30.0),
+        done_timeout=r.float("push", "done_timeout", 900.0),
+        interrupted_grace=r.float("push", "interrupted_grace", 120.0),
+        default_expires_in=r.float("push", "default_expires_in", 86400.0),
+        endpoint_from_peer=r.bool("push", "endpoint_from_peer", False),
+        orphan_dones_max_per_sa=r.int("push", "orphan_dones_max_per_sa", 32),
+        orphan_dones_ttl=r.float("push", "orphan_dones_ttl", 3600.0),
+        orphan_done_max_bytes=r.int("push", "orphan_done_max_bytes", 262144),
+        store_path=r.path("store", "path"),
+        results_ttl=r.float("store", "results_ttl", 7 * 86400.0),
+        rs_gate_listen=r.endpoint("rs_gate", "listen", "tcp:8780:interface=127.0.0.1"),
+        rs_gate_client_ca=r.path("rs_gate", "client_ca"),
+        rs_gate_max_connections=r.int("rs_gate", "max_connections", 64),
+        rs_gate_request_timeout=r.float("rs_gate", "request_timeout", 60.0),
+        management_listen=r.endpoint("management", "listen", ""),
+        management_max_connections=r.int("management", "max_connections", 16),
+        management_request_timeout=r.float("management", "request_timeout", 10.0),
+        demo_rs=r.bool("demo_rs", "enabled", False),
+        demo_rs_listen=r.endpoint("demo_rs", "listen", "tcp:8790:interface=127.0.0.1"),
+        demo_rs_db=r.path("demo_rs", "db"),
+        source=str(path),
+    )
+    # Unusable values fell back to their defaults, so the rest is still checked.
+    problems = r.unknown() + r.problems + value_problems(cfg)
+    if problems:
+        raise ConfigError(str(path), problems)
+    return cfg
 
 
 def embedded(data_dir: Path, *, port: int = 8443, rs_port: int = 8790,
@@ -288,3 +485,205 @@ def embedded(data_dir: Path, *, port: int = 8443, rs_port: int = 8790,
         management_listen=(f"tcp:{management_port}:interface=127.0.0.1"
                            if management_port else ""),
     ))
+
+
+# ---------------------------------------------------------------------------------------------
+# What the start does with the files the configuration names, short of binding
+# ---------------------------------------------------------------------------------------------
+
+def check(cfg: Config, reactor: Any = None) -> list[str]:
+    """Every problem the start would meet with ``cfg`` before listening, as
+    ``[section] key: problem`` lines: files unreadable, PEMs that do not parse, keys that do
+    not match their certificate, listeners that cannot be built, a store of a newer schema.
+
+    Run by the start (twistd and twist) and by ``armsproxyctl check-config``, so that these
+    are one line naming the key and the path, never a traceback.
+    """
+    from cryptography import x509
+    from OpenSSL import SSL, crypto
+
+    from .push.client import SAPushClient
+    from .rs_client import RSClient
+    from .rs_gate.server import rs_gate_endpoint
+    from .tls import TLSPolicy, server_endpoint, split_endpoint, tls_listener
+
+    if reactor is None:
+        from twisted.internet import reactor as default_reactor
+
+        reactor = default_reactor
+    unusable = (ValueError, TypeError, SSL.Error, crypto.Error)
+    problems: list[str] = []
+    pems: dict[str, bytes | None] = {}
+
+    def pem(setting: str, path: Path | None, *, with_key: bool = False) -> None:
+        """Read and parse one PEM file setting; ``pems[setting]``: its bytes if usable."""
+        pems[setting] = None
+        if path is None:
+            return
+        problem = _pem_problem(path, with_key=with_key, x509=x509)
+        if problem:
+            problems.append(f"{setting}: {path}: {problem}")
+        else:
+            pems[setting] = path.read_bytes()
+
+    pem("[sa_gate] client_ca", cfg.client_ca)
+    pem("[rs] ca", cfg.rs_ca)
+    pem("[rs] client_certificate", cfg.rs_client_certificate, with_key=True)
+    pem("[push] sa_ca", cfg.sa_ca)
+    pem("[push] client_certificate", cfg.push_client_certificate, with_key=True)
+    pem("[rs_gate] client_ca", cfg.rs_gate_client_ca)
+
+    def listener(setting: str, description: str, build: Callable[[], object]) -> None:
+        if not description:
+            return
+        spec = split_endpoint(description)
+        missing = False
+        for key in ("privateKey", "certKey", "extraCertChain"):
+            name = spec.kwargs.get(key)
+            if name:
+                try:
+                    Path(name).read_bytes()
+                except OSError as e:
+                    problems.append(f"{setting}: {key}={name}: cannot read: {e.strerror}")
+                    missing = True
+        if missing:
+            return
+        try:
+            build()
+        except unusable as e:
+            problems.append(f"{setting}: {_reason(e)}")
+
+    try:
+        policy = TLSPolicy(minimum_version=cfg.tls_minimum_version,
+                           client_ca_pem=pems["[sa_gate] client_ca"])
+    except unusable as e:
+        problems.append(f"[sa_gate] tls_minimum_version: {_reason(e)}")
+        policy = TLSPolicy(client_ca_pem=pems["[sa_gate] client_ca"])
+    policy._warned = True  # the start warns about TLS < 1.2 once, when it builds the listeners
+    if cfg.source != "embedded default":  # its dev PKI is made at the start
+        listener("[sa_gate] listen", cfg.sa_listen,
+                 lambda: tls_listener(reactor, cfg.sa_listen, policy))
+    listener("[sa_gate] tunnel_listen", cfg.tunnel_listen,
+             lambda: tls_listener(reactor, cfg.tunnel_listen, policy))
+    if cfg.rs_gate_listen.startswith("ssl:"):
+        if "[rs_gate] client_ca" not in _failed(problems):
+            listener("[rs_gate] listen", cfg.rs_gate_listen,
+                     lambda: rs_gate_endpoint(reactor, cfg.rs_gate_listen,
+                                              tls_client_ca=pems["[rs_gate] client_ca"]))
+    else:  # parsed only: the start warns about a plain listener, once
+        listener("[rs_gate] listen", cfg.rs_gate_listen,
+                 lambda: server_endpoint(reactor, cfg.rs_gate_listen, ""))
+    listener("[management] listen", cfg.management_listen,
+             lambda: server_endpoint(reactor, cfg.management_listen, ""))
+    if cfg.demo_rs:
+        listener("[demo_rs] listen", cfg.demo_rs_listen,
+                 lambda: server_endpoint(reactor, cfg.demo_rs_listen, ""))
+
+    failed = _failed(problems)
+    if not {"[rs] ca", "[rs] client_certificate"} & failed:
+        try:
+            RSClient(reactor, cfg.rs_url, ca_pem=pems["[rs] ca"],
+                     client_cert_pem=pems["[rs] client_certificate"], timeout=cfg.rs_timeout)
+        except unusable as e:
+            problems.append(f"[rs]: {_reason(e)}")
+    if cfg.sa_ca is not None and not {"[push] sa_ca", "[push] client_certificate"} & failed:
+        try:
+            SAPushClient(reactor, sa_ca_pem=pems["[push] sa_ca"] or b"",
+                         client_cert_pem=pems["[push] client_certificate"],
+                         tls_minimum_version=cfg.tls_minimum_version)
+        except unusable as e:
+            problems.append(f"[push]: {_reason(e)}")
+    problems.extend(store_problems(cfg))
+    return problems
+
+
+def store_setting(cfg: Config) -> str:
+    """The setting that names the store's path, for messages."""
+    if cfg.store_path is not None:
+        return "[store] path"
+    return "--data-dir" if cfg.source == "embedded default" else "[armsproxy] data_dir"
+
+
+def store_problems(cfg: Config) -> list[str]:
+    """A store (or its directory) the start could not use: not a directory, or a database
+    written by a newer armsproxy. Unreadable to whoever checks: not judged (the service's
+    own user may read it)."""
+    from .store.migrations import SCHEMA_VERSION
+
+    path = cfg.effective_store_path
+    setting = store_setting(cfg)
+    for parent in (path.parent, *path.parent.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                return [f"{setting}: {parent}: not a directory"]
+            break
+    if not path.exists():
+        return []
+    if not path.is_file():
+        return [f"{setting}: {path}: not a regular file"]
+    # The header, not a connection: even a read-only one creates -wal and -shm files, which a
+    # check run as root would leave unwritable to armsproxy's user. (A newer armsproxy's
+    # migration still in an uncheckpointed WAL is only seen when the store opens.)
+    try:
+        with path.open("rb") as f:
+            header = f.read(100)
+    except OSError:
+        return []
+    if not header:
+        return []  # empty: SQLite makes it a new database
+    if len(header) < 100 or not header.startswith(b"SQLite format 3\0"):
+        return [f"{setting}: {path}: not an SQLite database"]
+    version = int.from_bytes(header[60:64], "big", signed=True)  # PRAGMA user_version
+    if version > SCHEMA_VERSION:
+        return [f"{setting}: {path}: database schema version {version} is newer than this "
+                f"armsproxy ({SCHEMA_VERSION}); upgrade armsproxy or use another database"]
+    return []
+
+
+def _failed(problems: list[str]) -> set[str]:
+    """The settings (``[section] key``) a problem was reported for."""
+    return {p.split(":", 1)[0] for p in problems}
+
+
+def _reason(e: BaseException) -> str:
+    if isinstance(e, Exception) and type(e).__name__ == "Error" and e.args:
+        # OpenSSL's errors: a list of (library, function, reason) tuples
+        reasons = [str(r[-1]) for r in e.args[0] if isinstance(r, tuple)] \
+            if isinstance(e.args[0], list) else []
+        if reasons:
+            return "; ".join(reasons)
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+_PEM_KEY = re.compile(rb"-----BEGIN ([A-Z ]*)PRIVATE KEY-----.+?-----END \1PRIVATE KEY-----",
+                      re.S)
+
+
+def _pem_problem(path: Path, *, with_key: bool, x509: Any) -> str | None:
+    """Why ``path`` is no usable PEM certificate file (with the matching key if
+    ``with_key``); None if it is one."""
+    from cryptography.hazmat.primitives import serialization
+
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        return f"cannot read: {e.strerror}"
+    try:
+        certificates = x509.load_pem_x509_certificates(data)
+    except ValueError:
+        return "no PEM certificate in it"
+    if not with_key:
+        return None
+    block = _PEM_KEY.search(data)
+    if block is None:
+        return "no PEM private key in it (a client certificate file holds both)"
+    try:
+        key = serialization.load_pem_private_key(block.group(0), password=None)
+    except (ValueError, TypeError) as e:
+        return f"unusable private key: {_reason(e)}"
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    der = serialization.Encoding.DER
+    if (key.public_key().public_bytes(der, spki)
+            != certificates[0].public_key().public_bytes(der, spki)):
+        return "the private key does not match the certificate"
+    return None

@@ -7,24 +7,39 @@ newcomer can point a device (or ``armsproxy-sasim``) at it at once.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import os
+import pwd
+import sqlite3
 import stat
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.internet import defer
+from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from . import __version__
-from .config import Config, ConfigError, embedded, load
+from .config import (
+    Config,
+    ConfigError,
+    check,
+    embedded,
+    endpoint_summary,
+    load,
+    store_setting,
+)
 from .limits import DescriptorBudget, limited
 from .management import ManagementResource, ManagementSite
+from .metrics import Metrics, deadline_sites, listener_counts
 from .push.client import SAPushClient
 from .push.engine import PushEngine, PushSettings
 from .push.outbox import EventOutbox
@@ -32,6 +47,7 @@ from .rs_client import KeyCache, RSClient
 from .rs_gate import RSGate, rs_gate_service
 from .sa_gate.protocol import GateLimits, SAGateFactory
 from .sa_gate.relay import PullRelay, RelaySettings
+from .store.model import StoreError
 from .store.sqlite import SQLiteStore
 from .tls import (
     HandshakeFailures,
@@ -79,7 +95,7 @@ class Options(usage.Options):
                 if self["tls-minimum-version"] is not None:
                     raise usage.UsageError("--tls-minimum-version is for the embedded default; "
                                            "with --config set [sa_gate] tls_minimum_version")
-                self["cfg"] = load(Path(self["config"]))
+                self["cfg"] = _load_or_exit(Path(self["config"]))
             else:
                 self["cfg"] = embedded(
                     Path(self["data-dir"]).absolute(),
@@ -93,6 +109,144 @@ class Options(usage.Options):
             raise usage.UsageError(str(e)) from None
 
 
+# ---------------------------------------------------------------------------------------------
+# Fatal errors: one line, exit status 1, under twistd and twist alike
+# ---------------------------------------------------------------------------------------------
+
+class FatalError(Exception):
+    """armsproxy cannot run; the message says what, which setting or path, and why.
+
+    Raised while the service starts (before the reactor runs): twistd and twist let it end
+    the process with status 1 (twistd's daemon parent reports it too), and :func:`_excepthook`
+    prints it as one line instead of a traceback.
+    """
+
+
+def _exit_with(lines: list[str]) -> NoReturn:
+    """End the start before anything runs: the lines on stderr, status 1, no usage text.
+
+    twistd and twist print their whole usage text before an option error (UsageError); a
+    configuration file's problems are not about the command line.
+    """
+    raise SystemExit("\n".join(f"armsproxy: {line}" for line in lines))
+
+
+def _load_or_exit(path: Path) -> Config:
+    """The configuration in ``path``; its problems end the start (:func:`makeService`
+    checks the files it names)."""
+    try:
+        return load(path)
+    except ConfigError as e:
+        _exit_with(e.lines())
+
+
+_exit_status = 0
+
+
+def fatal(message: str) -> None:
+    """Once running, armsproxy cannot go on: log ``message``, stop, and exit with status 1.
+
+    twistd and twist both exit 0 after ``reactor.stop()``, so systemd's Restart=on-failure
+    would take the stop for a clean one. The status is set at interpreter exit, after twistd
+    has shut the services down and removed its PID file. Only in a process that
+    :func:`makeService` started: a test or a program embedding the services keeps its reactor.
+    """
+    global _exit_status
+    log.critical("{message}", message=message)
+    if not _owns_process:
+        return
+    if _exit_status == 0:
+        atexit.register(_exit_failed)
+    _exit_status = 1
+    from twisted.internet import reactor
+    from twisted.internet.error import ReactorNotRunning
+
+    try:
+        reactor.stop()  # type: ignore[attr-defined]
+    except ReactorNotRunning:
+        pass
+
+
+def _exit_failed() -> None:
+    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+        try:
+            if stream is not None:
+                stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(_exit_status)
+
+
+_owns_process = False  # makeService ran: armsproxy is the process (twistd or twist)
+
+
+def _excepthook(kind: type[BaseException], value: BaseException, tb: Any) -> None:
+    """A :class:`FatalError` that ends twistd or twist is one line, not a traceback."""
+    if isinstance(value, FatalError):
+        print(f"armsproxy: {value}", file=sys.stderr, flush=True)
+    else:
+        _previous_excepthook(kind, value, tb)
+
+
+_previous_excepthook = sys.excepthook
+
+
+class ArmsproxyService(service.MultiService):
+    """The whole service tree: binds every listener before anything else starts, under
+    twist too (which calls only ``startService``), so that a listener that cannot bind stops
+    the start before the store opens or a single device is served."""
+
+    _bound = False
+
+    def privilegedStartService(self) -> None:
+        self._bound = True
+        super().privilegedStartService()  # every listener binds (a FatalError if one can't)
+
+    def startService(self) -> None:
+        if not self._bound:
+            self.privilegedStartService()
+        super().startService()
+
+
+@implementer(IStreamServerEndpoint)
+class NamedEndpoint:
+    """A listener's endpoint that, when it cannot listen, raises a :class:`FatalError`
+    naming its setting, what the setting says and why, at once (``listen`` fails
+    synchronously for TCP and unix sockets): the listener's service never logs it as an
+    error while armsproxy runs on without it."""
+
+    def __init__(self, endpoint: IStreamServerEndpoint, setting: str, description: str) -> None:
+        self.endpoint = endpoint
+        self.setting = setting
+        self.description = description
+
+    def listen(self, factory: IProtocolFactory) -> defer.Deferred[IListeningPort]:
+        d = self.endpoint.listen(factory)
+        failed: list[Failure] = []
+        d.addErrback(lambda f: failed.append(f) or f)
+        d.addErrback(lambda f: Failure(self._fatal(f)))
+        if failed:
+            d.addErrback(lambda _: None)  # raised below instead
+            raise self._fatal(failed[0]) from None
+        return d
+
+    def _fatal(self, failure: Failure) -> FatalError:
+        error = failure.value
+        if isinstance(error, FatalError):
+            return error
+        if isinstance(error, CannotListenError) and isinstance(error.socketError, OSError):
+            why = error.socketError.strerror or str(error.socketError)
+        else:
+            why = " ".join(str(error).split()) or type(error).__name__
+        return FatalError(f"{self.setting} {endpoint_summary(self.description)}: cannot "
+                          f"listen: {why}")
+
+
+def _listen_setting(cfg: Config, setting: str, option: str) -> str:
+    """The name an operator knows a listener by: its key, or the embedded default's option."""
+    return option if cfg.source == "embedded default" else setting
+
+
 class StoreService(service.MultiService):
     """Opens the store, then starts its children; stops them all, then closes the store.
 
@@ -100,28 +254,44 @@ class StoreService(service.MultiService):
     children without waiting for one another.
     """
 
-    def __init__(self, store: SQLiteStore) -> None:
+    def __init__(self, store: SQLiteStore, setting: str = "[store] path") -> None:
         super().__init__()
         self.store = store
+        self.setting = setting  # what names the store's path, for the message if it fails
+        self._children_started = False
 
     def startService(self) -> None:
         service.Service.startService(self)
         d = defer.ensureDeferred(self.store.open())
         d.addCallbacks(self._opened, self._failed)
+        d.addErrback(self._start_failed)
 
     def _opened(self, _: object) -> None:
         if self.running:
+            self._children_started = True
             for child in self:
                 child.startService()
 
     def _failed(self, failure: Failure) -> None:
-        log.failure("cannot open the store; stopping", failure)
-        from twisted.internet import reactor
+        error = failure.value
+        if isinstance(error, OSError):
+            why = f"{error.strerror or error} (as uid {os.geteuid()}, gid {os.getegid()})"
+        else:
+            why = " ".join(str(error).split()) or type(error).__name__
+        if not isinstance(error, OSError | sqlite3.Error | StoreError):
+            log.failure("cannot open the store", failure)  # unexpected: its traceback too
+        fatal(f"cannot open the store {self.store.path} ({self.setting}): {why}")
 
-        reactor.stop()  # type: ignore[attr-defined]
+    def _start_failed(self, failure: Failure) -> None:
+        log.failure("cannot start", failure)
+        fatal(f"cannot start: {failure.getErrorMessage()}")
 
     def stopService(self) -> defer.Deferred[None]:
-        stopped = super().stopService()  # children first, each awaited
+        if self._children_started:
+            stopped = super().stopService()  # children first, each awaited
+        else:  # the store never opened: none of them started, none is stopped
+            service.Service.stopService(self)
+            stopped = defer.succeed(None)
         stopped.addBoth(lambda _: defer.ensureDeferred(self.store.close()))
         return stopped
 
@@ -147,23 +317,25 @@ def build_services(cfg: Config, reactor: Any = None) -> service.MultiService:
 
         reactor = default_reactor
     budget = DescriptorBudget.at_start(reactor)  # raises the soft RLIMIT_NOFILE first
-    top = service.MultiService()
+    top = ArmsproxyService()
     for listen in (cfg.rs_gate_listen, cfg.management_listen,
                    cfg.demo_rs_listen if cfg.demo_rs else ""):
         release_own_unix_lock(listen)
     if cfg.demo_rs:
         _add_demo_rs(cfg, top, reactor, budget)
+    metrics = Metrics()  # this instance's registry, for /metrics (never the global one)
     rs = RSClient(
         reactor, cfg.rs_url, ca_pem=_read(cfg.rs_ca),
         client_cert_pem=_read(cfg.rs_client_certificate), timeout=cfg.rs_timeout,
+        metrics=metrics,
     )
     _Closing(rs).setServiceParent(top)
     keys = KeyCache(rs, reactor, ttl=cfg.key_cache_ttl)
     cfg.effective_store_path.parent.mkdir(parents=True, exist_ok=True)
     store = SQLiteStore(cfg.effective_store_path, reactor=reactor, close_on_shutdown=False)
-    push_side = StoreService(store)
+    push_side = StoreService(store, store_setting(cfg))
     push_side.setServiceParent(top)
-    outbox = EventOutbox(store, rs, reactor)
+    outbox = EventOutbox(store, rs, reactor, batch=cfg.rs_event_batch)
     tunnels = TunnelRegistry()
     assert cfg.sa_ca is not None
     # One TLS policy with devices, both directions (§1 rule 1): SA gate, tunnels and pushes.
@@ -197,6 +369,7 @@ def build_services(cfg: Config, reactor: Any = None) -> service.MultiService:
         # Counted with the SA gate's outcomes (/metrics); `relay` is built below, before
         # anything can be counted.
         counter=lambda name, n: relay.stats.update({name: n}),
+        metrics=metrics,
     )
     engine.setServiceParent(push_side)
     outbox.setServiceParent(push_side)
@@ -210,6 +383,9 @@ def build_services(cfg: Config, reactor: Any = None) -> service.MultiService:
         )
     except ListenerConfigError as e:
         raise usage.UsageError(str(e)) from None
+    rs_gate.endpoint = NamedEndpoint(
+        rs_gate.endpoint, _listen_setting(cfg, "[rs_gate] listen", "--rs-gate-port"),
+        cfg.rs_gate_listen)
     rs_gate.setName("rs-gate")
     rs_gate.setServiceParent(push_side)
     relay = PullRelay(
@@ -256,7 +432,8 @@ def build_services(cfg: Config, reactor: Any = None) -> service.MultiService:
     # share what the reserve leaves between the device listeners.
     share = 3 if tunnel_listener is not None else 2
     sa_gate = _listener(limited(listener, budget.device_listener(
-        "sa gate", cfg.max_connections, share=share, counter=factory.count)), factory)
+        "sa gate", cfg.max_connections, share=share, counter=factory.count)), factory,
+        _listen_setting(cfg, "[sa_gate] listen", "--port"), cfg.sa_listen)
     sa_gate.setName("sa-gate")
     sa_gate.setServiceParent(top)
     if tunnel_listener is not None:
@@ -269,31 +446,38 @@ def build_services(cfg: Config, reactor: Any = None) -> service.MultiService:
         )
         tunnel_gate = _listener(limited(tunnel_listener, budget.device_listener(
             "sa gate tunnels", cfg.tunnel_max_connections, share=share,
-            counter=factory.count)), tunnel_factory)
+            counter=factory.count)), tunnel_factory, "[sa_gate] tunnel_listen",
+            cfg.tunnel_listen)
         tunnel_gate.setName("sa-gate-tunnels")
         tunnel_gate.setServiceParent(top)
     if cfg.management_listen:
-        _add_management(cfg, top, reactor, store, relay, tunnels, budget, handshake_failures)
+        _add_management(cfg, top, reactor, store, relay, tunnels, budget, handshake_failures,
+                        metrics)
     top.relay = relay  # type: ignore[attr-defined]  # for tests and the management view
     top.engine = engine  # type: ignore[attr-defined]
     top.tunnels = tunnels  # type: ignore[attr-defined]
     top.store = store  # type: ignore[attr-defined]
     top.budget = budget  # type: ignore[attr-defined]  # the listeners' limits, for tests
     top.handshake_failures = handshake_failures  # type: ignore[attr-defined]
+    top.metrics = metrics  # type: ignore[attr-defined]
     return top
 
 
-def _listener(endpoint: Any, factory: Any) -> StreamServerEndpointService:
-    """A listener that cannot bind stops the start (twistd exits with the error) instead of
-    being logged while armsproxy runs on without it, e.g. with its port taken."""
-    listener = StreamServerEndpointService(endpoint, factory)
+def _listener(endpoint: Any, factory: Any, setting: str,
+              description: str) -> StreamServerEndpointService:
+    """A listener that cannot bind stops the start (twistd and twist exit 1 with one line
+    naming ``setting`` and its ``description``) instead of being logged while armsproxy runs
+    on without it, e.g. with its port taken."""
+    listener = StreamServerEndpointService(NamedEndpoint(endpoint, setting, description),
+                                           factory)
     listener._raiseSynchronously = True  # Twisted's switch for exactly this (strports uses it)
     return listener
 
 
 def _add_management(cfg: Config, top: service.MultiService, reactor: Any, store: SQLiteStore,
                     relay: PullRelay, tunnels: TunnelRegistry,
-                    budget: DescriptorBudget, handshake_failures: HandshakeFailures) -> None:
+                    budget: DescriptorBudget, handshake_failures: HandshakeFailures,
+                    metrics: Metrics) -> None:
     try:
         endpoint = limited(
             server_endpoint(reactor, cfg.management_listen, "[management] listen"),
@@ -302,9 +486,14 @@ def _add_management(cfg: Config, top: service.MultiService, reactor: Any, store:
         raise usage.UsageError(str(e)) from None
     resource = ManagementResource(store=store, sa_gate_counts=relay.stats,
                                   tunnel_counts=tunnels.counts, clock=reactor,
-                                  tls_failures=handshake_failures.counts)
+                                  tls_failures=handshake_failures.counts, metrics=metrics,
+                                  # read when scraped: the service tree is complete by then
+                                  listener_counts=lambda: listener_counts(
+                                      budget.listeners, deadline_sites(top)))
     site = ManagementSite(resource, reactor, request_timeout=cfg.management_request_timeout)
-    management = _listener(endpoint, site)
+    management = _listener(endpoint, site, _listen_setting(cfg, "[management] listen",
+                                                           "--management-port"),
+                           cfg.management_listen)
     management.setName("management")
     management.setServiceParent(top)
 
@@ -361,7 +550,8 @@ def _add_demo_rs(cfg: Config, top: service.MultiService, reactor: Any,
                            budget.listener("demo rs", budget.device_cap(), device=True))
     except ListenerConfigError as e:
         raise usage.UsageError(str(e)) from None
-    demo = _listener(endpoint, site)
+    demo = _listener(endpoint, site, _listen_setting(cfg, "[demo_rs] listen", "--rs-port"),
+                     cfg.demo_rs_listen)
     demo.setName("demo-rs")
     demo.setServiceParent(top)
     print(
@@ -392,11 +582,116 @@ def _refuse_device_logfile(twistd_options: Any) -> None:
     except OSError:
         return  # twistd creates it: a regular file
     if not stat.S_ISREG(mode):
-        raise usage.UsageError(
+        # SystemExit, not UsageError: twistd before 26.10 exits 0 after a UsageError.
+        _exit_with([
             f"--logfile {name} is not a regular file: twistd rotates its log file by renaming "
             "it, which would move the device or pipe itself. To drop or redirect the log, run "
-            "with -n --logfile=- and redirect standard output, or use --syslog.")
+            "with -n --logfile=- and redirect standard output, or use --syslog."])
+
+
+def _privilege_drop(twistd_options: Any) -> tuple[int, int] | None:
+    """The uid and gid twistd switches to after binding (``-u``/``-g``), if it will switch
+    from root to another user; None otherwise (twist never switches: systemd's User= does)."""
+    if twistd_options is None or os.geteuid() != 0:
+        return None
+    uid, gid = twistd_options.get("uid"), twistd_options.get("gid")
+    if uid is None or uid == 0:
+        return None
+    return uid, gid if gid is not None else pwd.getpwuid(uid).pw_gid
+
+
+def _writable(path: Path, ids: tuple[int, int] | None) -> bool:
+    """Whether this process, or ``ids`` (uid, gid) if it will switch to them, can create
+    files in directory ``path`` (or write file ``path``); by mode bits, as for the switch."""
+    if ids is None:
+        return os.access(path, os.W_OK | (os.X_OK if path.is_dir() else 0))
+    uid, gid = ids
+    st = path.stat()
+    try:
+        groups = set(os.getgrouplist(pwd.getpwuid(uid).pw_name, gid))
+    except KeyError:
+        groups = {gid}
+    shift = 6 if st.st_uid == uid else 3 if st.st_gid in groups else 0
+    need = 0o3 if path.is_dir() else 0o2  # write (and search, for a directory)
+    return (st.st_mode >> shift) & need == need
+
+
+def _prepare_directories(cfg: Config, drop: tuple[int, int] | None) -> None:
+    """Create the directories armsproxy writes in, owned by the user it runs as.
+
+    twistd binds as root and switches to ``-u``/``-g`` before the store opens: a directory it
+    created as root would leave the store unopenable. So a missing one is created (0700) for
+    that user, and an existing one that user cannot write stops the start, naming it.
+    """
+    who = (f"uid {drop[0]} (gid {drop[1]}), which twistd -u/-g switches to" if drop
+           else f"uid {os.geteuid()} (gid {os.getegid()})")
+    embedded_default = cfg.source == "embedded default"
+    places = [(cfg.effective_store_path.parent, store_setting(cfg))]
+    if cfg.demo_rs:
+        places.append((cfg.data_dir, "--data-dir" if embedded_default
+                       else "[armsproxy] data_dir"))
+        if cfg.demo_rs_db is not None:
+            places.append((cfg.demo_rs_db.parent, "[demo_rs] db"))
+    for directory, setting in places:
+        try:
+            if not directory.exists():
+                directory.mkdir(mode=0o700, parents=True)
+                if drop:
+                    os.chown(directory, *drop)
+            elif not directory.is_dir():
+                raise FatalError(f"{setting} {directory}: not a directory")
+        except OSError as e:
+            raise FatalError(f"{setting} {directory}: cannot create it as {who}: "
+                             f"{e.strerror}") from None
+        store = cfg.effective_store_path
+        for path in [directory, *([store] if store.parent == directory else [])]:
+            if path.exists() and not _writable(path, drop):
+                st = path.stat()
+                raise FatalError(
+                    f"{setting} {path}: not writable by {who} (owner {st.st_uid}:{st.st_gid}, "
+                    f"mode {stat.S_IMODE(st.st_mode):04o}): give it to that user "
+                    "(chown) or configure another path")
+
+
+def _give_away(cfg: Config, drop: tuple[int, int]) -> None:
+    """Files the embedded demo RS made as root before twistd switched users (its dev PKI and
+    database) go to that user, who opens them after the switch."""
+    if not cfg.demo_rs:
+        return
+    pki = cfg.data_dir / "pki"
+    paths = [pki, *(pki / name for name in ("ca.pem", "ca.key", "server.pem", "server.key"))]
+    if cfg.demo_rs_db is not None:
+        paths += [Path(f"{cfg.demo_rs_db}{suffix}") for suffix in ("", "-wal", "-shm")]
+    for path in paths:
+        try:
+            if path.lstat().st_uid == 0:
+                os.chown(path, *drop, follow_symlinks=False)
+        except FileNotFoundError:
+            pass
 
 
 def makeService(options: Options) -> service.IService:
-    return build_services(options["cfg"])
+    """The service twistd or twist runs. What stops the start before anything runs is one
+    ``armsproxy: ...`` line on stderr and exit status 1; so is, from here on, a fatal error
+    (a listener that cannot bind, a store that cannot open)."""
+    global _owns_process
+    _owns_process = True
+    sys.excepthook = _excepthook
+    cfg: Config = options["cfg"]
+    if cfg.source != "embedded default":  # as armsproxyctl check-config does
+        problems = check(cfg)
+        if problems:
+            _exit_with([f"{cfg.source}: {problem}" for problem in problems])
+    drop = _privilege_drop(getattr(options, "parent", None))
+    try:
+        _prepare_directories(cfg, drop)
+        top = build_services(cfg)
+    except FatalError as e:
+        _exit_with([str(e)])
+    except (usage.UsageError, ListenerConfigError) as e:
+        _exit_with([" ".join(str(e).split())])
+    except OSError as e:
+        _exit_with([f"{e.filename or cfg.source}: {e.strerror or e}"])
+    if drop:
+        _give_away(cfg, drop)
+    return top

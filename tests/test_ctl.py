@@ -600,6 +600,10 @@ def test_addresses():
         "/run/armsproxy/rs.sock", "unix:/run/armsproxy/rs.sock", "y")
     assert parse_address("https://gate.example:8780/", "x").url == \
         "https://gate.example:8780/RPC2"
+    # A client endpoint's form, as an operator may type it, names the host it connects to.
+    assert parse_address("tcp:127.0.0.2:8780", "x").url == "http://127.0.0.2:8780/RPC2"
+    assert parse_address("tcp:host=192.0.2.7:port=8780", "x").url == \
+        "http://192.0.2.7:8780/RPC2"
     for bad, message in (("tcp:0", "names no port"), ("unix:", "names no socket path"),
                          ("carrier-pigeon:1", "use tcp:, unix:, ssl:"),
                          ("http://", "has no host")):

@@ -9,6 +9,7 @@ messages that travel towards a device are also held to the device rules
 ``ops ...`` and ``sa ...`` call the RS gate (the XML-RPC interface the RS uses) at the address
 the configuration file gives, so an operator sees and steers exactly what the RS does.
 ``backup DEST`` copies the live SQLite store consistently while armsproxy runs.
+``check-config [FILE...]`` checks a configuration as the start does, without starting anything.
 
 Exit status: 0 done, 1 refused or failed (one line on stderr), 2 bad command line.
 """
@@ -495,6 +496,28 @@ def _backup(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_config(path: Path) -> list[str]:
+    """Every problem armsproxy's start would refuse ``path`` for, short of binding, as
+    ``FILE: [section] key: problem`` lines; none: the start would get as far as listening."""
+    try:
+        cfg = armsproxy_config.load(path)
+    except armsproxy_config.ConfigError as e:
+        return e.lines()
+    return [f"{path}: {problem}" for problem in armsproxy_config.check(cfg)]
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    failed = False
+    for name in args.files or [str(config_path(None))]:
+        problems = check_config(Path(name))
+        for line in problems:
+            print(line, file=sys.stderr)
+        if not problems:
+            print(f"{name}: ok")
+        failed = failed or bool(problems)
+    return 1 if failed else 0
+
+
 # ---------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------
@@ -586,6 +609,11 @@ def _parser() -> argparse.ArgumentParser:
                              f"${CONFIG_ENV}, else {DEFAULT_CONFIG})")
     backup.add_argument("--force", action="store_true", help="replace DEST if it exists")
     backup.add_argument("dest", metavar="DEST", help="the new file (mode 0600)")
+
+    check_conf = sub.add_parser(
+        "check-config", help="check a configuration file as the start does, without starting")
+    check_conf.add_argument("files", nargs="*", metavar="FILE",
+                            help=f"default: ${CONFIG_ENV}, else {DEFAULT_CONFIG}")
     return parser
 
 
@@ -605,6 +633,8 @@ def main(argv: list[str] | None = None) -> int:
         return _check(args.files)
     if args.command == "backup":
         return _backup(args)
+    if args.command == "check-config":
+        return _check_config(args)
     return _run_on_gate(args.handler, args)
 
 

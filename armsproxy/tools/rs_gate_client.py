@@ -87,11 +87,14 @@ def parse_address(text: str, origin: str) -> GateTarget:
             raise GateError(f"{origin}: {text!r} names no socket path")
         return GateTarget(url=f"http://localhost{RPC_PATH}", origin=origin, unix_path=path)
     if spec.kind in ("tcp", "ssl"):
-        port = spec.kwargs.get("port") or (spec.args[0] if spec.args else "")
+        # The listener's form (tcp:PORT:interface=IP) or a client's (tcp:HOST:PORT, host=).
+        client_form = len(spec.args) >= 2
+        port = spec.kwargs.get("port") or (spec.args[-1] if spec.args else "")
         if not port.isdigit() or int(port) == 0:
             raise GateError(f"{origin}: {text!r} names no port to connect to")
         scheme = "https" if spec.kind == "ssl" else "http"
-        host = _host(spec.kwargs.get("interface", ""))
+        host = _host(spec.kwargs.get("host") or (spec.args[0] if client_form else "")
+                     or spec.kwargs.get("interface", ""))
         return GateTarget(url=f"{scheme}://{host}:{port}{RPC_PATH}", origin=origin)
     raise GateError(f"{origin}: cannot connect to {text!r}: use tcp:, unix:, ssl: or an "
                     "http(s):// URL")
