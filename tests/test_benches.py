@@ -42,10 +42,27 @@ def test_push_bench():
 
 
 @pytest.mark.timeout(300)
+def test_events_bench():
+    out = _bench("events.py", "--events", "60", "--batch", "10", "--rounds", "1")
+    assert re.search(r"one per call \(arms\.event\)\s+\d+ events/s", out), out
+    assert re.search(r"batched \(arms\.events, N=10\s*\)\s+\d+ events/s", out), out
+    assert re.search(r"ratio batched/single: \d+\.\d\d\Z", out.strip()), out
+
+
+@pytest.mark.timeout(300)
 def test_store_bench():
     out = _bench("store.py", "--operations", "40", "--concurrency", "1,5", "--rounds", "1")
     assert re.search(r"C=5\s+group commit\s+\d+ calls/s", out), out
     assert re.search(r"C=5\s+ratio group/baseline: \d+\.\d\d", out), out
+
+
+@pytest.mark.timeout(300)
+def test_store_scale_bench():
+    out = _bench("store_scale.py", "--sizes", "1000,3000", "--runs", "2", "--plans")
+    assert re.search(r"N=3000 .*\n  submit .*\n  dispatch .*\(200 operation\(s\)\)", out), out
+    assert "SEARCH q USING INDEX sa_queues_ready" in out, out
+    assert re.search(r"dispatch_1M_over_1k=\d+\.\d\d deadline_1M_over_1k=\d+\.\d\d"
+                     r" submit_1M_over_1k=\d+\.\d\d\Z", out.strip()), out
 
 
 @pytest.mark.timeout(300)

@@ -20,7 +20,7 @@ from twisted.logger import Logger
 from twisted.web import server, xmlrpc
 
 from armsproxy.arms.distid import is_distid
-from armsproxy.demo_rs.db import DemoDB, SAConfig
+from armsproxy.demo_rs.db import Cursor, DemoDB, SAConfig, add_event
 from armsproxy.limits import DeadlineSite
 
 log = Logger()
@@ -142,6 +142,7 @@ class DemoRS(xmlrpc.XMLRPC):
             "arms.push_method_query": self._wrap(self.push_method_query),
             "arms.push_confirmation": self._wrap(self.push_confirmation),
             "arms.event": self._wrap(self.event),
+            "arms.events": self._wrap(self.events_batch),
             "demo.events": self._wrap(self.events),
             "demo.list_sas": self._wrap(self.list_sas),
         }
@@ -232,6 +233,28 @@ class DemoRS(xmlrpc.XMLRPC):
             raise xmlrpc.Fault(FAULT_BAD_PARAMS, str(e))
         seq = await self.db.add_event(self._now(), text)
         log.info("event #{seq} {kind}", seq=seq, kind=event.get("kind", event.get("type", "?")))
+        return True
+
+    async def events_batch(self, events: object) -> bool:
+        """``arms.events``: several events, in order, stored in one transaction (all or none:
+        a fault means armsproxy delivers them all again)."""
+        if not isinstance(events, list):
+            raise xmlrpc.Fault(FAULT_BAD_PARAMS, "events must be an array of structs")
+        texts = []
+        for i, event in enumerate(events):
+            try:
+                texts.append(event_to_json(_check_struct(event, f"events[{i}]")))
+            except TypeError as e:
+                raise xmlrpc.Fault(FAULT_BAD_PARAMS, f"events[{i}]: {e}")
+        if not texts:
+            return True
+        now = self._now()
+
+        def store_all(cur: Cursor) -> list[int]:
+            return [add_event(cur, now, text) for text in texts]
+
+        seqs = await self.db.run(store_all)
+        log.info("events #{first}..#{last} ({n})", first=seqs[0], last=seqs[-1], n=len(seqs))
         return True
 
     # -- demo.* --------------------------------------------------------------------------------

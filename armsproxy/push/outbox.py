@@ -1,13 +1,19 @@
-"""Delivers the event outbox to the RS (``arms.event``), at least once, in commit order.
+"""Delivers the event outbox to the RS, at least once, in commit order.
 
 Events are committed with the state change they describe (the store's ``transition``), so
 delivery can lag, repeat after a crash, or wait out an RS outage without losing anything.
-One event at a time, in sequence order: that keeps events of an operation in order. An RS
-that refuses an event (fault) or is down is retried with capped backoff; the queue waits.
+Up to ``batch`` events go in one ``arms.events`` call, oldest first, and are marked delivered
+together once it returns: a fault or failure means none of them count as delivered, so the
+whole batch goes again (the RS drops repeats by ``seq``). An RS without ``arms.events`` gets
+``arms.event``, one event per call, in the same order (as fast as one HTTP round trip per
+event allows); it is asked again after ``reprobe`` seconds and at every start. One batch at
+a time, never overlapping: that keeps events of an operation in order. An RS that refuses
+(fault) or is down is retried with capped backoff; the queue waits.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -16,7 +22,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
-from ..rs_client import RSError
+from ..rs_client import RSError, RSFault, RSProtocolError, RSTimeout
 from ..store.model import Event
 from .operations import to_xmlrpc
 
@@ -25,6 +31,37 @@ log = Logger()
 
 class EventSink(Protocol):
     async def event(self, event: dict[str, Any]) -> None: ...
+
+    async def events(self, events: list[dict[str, Any]]) -> None: ...
+
+
+#: Faults that say "no such method": JSON-RPC/XML-RPC's -32601 (the spec for fault codes many
+#: servers follow), Twisted's ``xmlrpc.NOT_FOUND`` (8001).
+METHOD_NOT_FOUND_FAULTS = frozenset({-32601, 8001})
+# ... or a fault message that says so, whatever the code (Python's SimpleXMLRPCServer: fault 1,
+# 'method "arms.events" is not supported'; Apache XML-RPC: 'No such handler: arms.events').
+_UNKNOWN_METHOD = re.compile(
+    r"(method|procedure|handler|function)\b.{0,60}\b(not (found|supported|implemented|"
+    r"defined|available|registered)|does not exist)"
+    r"|(unknown|unsupported|undefined|no such) (method|procedure|handler|function)",
+    re.IGNORECASE,
+)
+
+
+def lacks_method(error: RSError) -> bool:
+    """Does ``error`` say the RS has no such method (rather than that this call failed)?
+
+    Erring towards yes only costs speed (one event per call until the next probe); towards no,
+    an RS without ``arms.events`` would get nothing at all.
+    """
+    if isinstance(error, RSFault):
+        return error.code in METHOD_NOT_FOUND_FAULTS or bool(_UNKNOWN_METHOD.search(error.message))
+    # RSClient's wording for a non-200 answer; 501 Not Implemented is HTTP's "no such method".
+    return isinstance(error, RSProtocolError) and str(error).startswith("HTTP status 501")
+
+
+def _backoff(base: float, cap: float, attempts: int) -> float:
+    return min(cap, base * 2 ** min(attempts, 10))
 
 
 # -- the arms.event contract (README "The RS interface"; tests/test_docs.py compares) -------
@@ -101,9 +138,14 @@ def event_struct(event: Event) -> dict[str, Any]:
 
 
 class EventOutbox(service.Service):
+    """Delivers the store's outbox to ``rs``: ``batch`` events per call (1..1000), polling
+    every ``poll`` seconds and woken by :meth:`kick` when new events are committed."""
+
     def __init__(self, store: Any, rs: EventSink, clock: IReactorTime, *,
                  poll: float = 5.0, retry_base: float = 1.0, retry_cap: float = 60.0,
-                 batch: int = 100) -> None:
+                 batch: int = 100, reprobe: float = 3600.0) -> None:
+        if not 1 <= batch <= 1000:
+            raise ValueError("batch: 1..1000 events")
         self.store = store
         self.rs = rs
         self.clock = clock
@@ -111,8 +153,17 @@ class EventOutbox(service.Service):
         self.retry_base = retry_base
         self.retry_cap = retry_cap
         self.batch = batch
+        self.reprobe = reprobe
         self.delivered = 0
         self.failures = 0
+        #: RS calls that delivered events (one per batch, or one per event without arms.events)
+        self.calls = 0
+        #: While set, the RS lacks ``arms.events``: one event per call until this clock time.
+        self.single_until: float | None = None
+        self._fallback_logged = False
+        # Halved after a batch timed out or was too large for the RS (413), so that a slow RS
+        # still drains the queue; grown back towards ``batch`` by a tenth per delivered batch.
+        self._limit = batch
         self._timer: IDelayedCall | None = None
         self._running_pass: defer.Deferred[None] | None = None
         self._kicked = False
@@ -153,30 +204,79 @@ class EventOutbox(service.Service):
         self._kicked = False
         self._timer = self.clock.callLater(self.poll if delay is None else delay, self.kick)
 
+    def _batched(self) -> bool:
+        """Try ``arms.events`` now? Not while the RS is known to lack it, until the re-probe."""
+        if self.single_until is None:
+            return True
+        if self.clock.seconds() < self.single_until:
+            return False
+        self.single_until = None
+        return True
+
     async def _deliver(self) -> float | None:
         """Deliver what is pending; return a retry delay after a failure, else None."""
         while self.running:
-            events = await self.store.pending_events(self.batch)
+            events = await self.store.pending_events(self._limit if self._batched()
+                                                     else self.batch)
             if not events:
                 return None
-            # Marked delivered once per batch, not per event: a crash in between only means
-            # those events are delivered again, which at-least-once allows.
-            delivered: list[int] = []
-            try:
-                for event in events:
-                    try:
-                        await self.rs.event(event_struct(event))
-                    except RSError as e:
-                        self.failures += 1
-                        await self.store.note_event_attempt(event.seq)
-                        delay = min(self.retry_cap,
-                                    self.retry_base * 2 ** min(event.attempts, 10))
-                        log.warn("event outbox: {kind} #{seq} not delivered ({e!r}); retry in "
-                                 "{d:.0f} s", kind=event.kind, seq=event.seq, e=e, d=delay)
-                        return delay
-                    delivered.append(event.seq)
-                    self.delivered += 1
-            finally:
-                if delivered:
-                    await self.store.mark_delivered(delivered)
+            if self.single_until is None:
+                try:
+                    await self.rs.events([event_struct(event) for event in events])
+                except RSError as e:
+                    if not lacks_method(e):
+                        return await self._failed(events[0], e, len(events))
+                    self._fall_back(e)  # and deliver this very batch one by one, below
+                else:
+                    self.calls += 1
+                    # Marked delivered once per batch: a crash in between only means the
+                    # batch is delivered again, which at-least-once allows.
+                    await self.store.mark_delivered([event.seq for event in events])
+                    self.delivered += len(events)
+                    self._limit = min(self.batch, self._limit + max(1, self._limit // 10))
+                    if self._fallback_logged:
+                        log.info("event outbox: the RS now takes arms.events; batches again")
+                        self._fallback_logged = False
+                    continue
+            delay = await self._deliver_singly(events)
+            if delay is not None:
+                return delay
         return None
+
+    async def _deliver_singly(self, events: list[Event]) -> float | None:
+        """``arms.event`` per event, in order, for an RS without ``arms.events``."""
+        delivered: list[int] = []
+        try:
+            for event in events:
+                try:
+                    await self.rs.event(event_struct(event))
+                except RSError as e:
+                    return await self._failed(event, e, 1)
+                self.calls += 1
+                delivered.append(event.seq)
+                self.delivered += 1
+        finally:
+            if delivered:
+                await self.store.mark_delivered(delivered)
+        return None
+
+    def _fall_back(self, error: RSError) -> None:
+        self.single_until = self.clock.seconds() + self.reprobe
+        if self._fallback_logged:  # once per process and RS, not once per re-probe
+            return
+        self._fallback_logged = True
+        log.warn("event outbox: the RS has no arms.events ({e}); delivering one event per "
+                 "arms.event call (slower), asking again every {s:.0f} s", e=str(error),
+                 s=self.reprobe)
+
+    async def _failed(self, head: Event, error: RSError, count: int) -> float:
+        """A call failed: nothing of it is delivered; the queue waits, then tries again."""
+        self.failures += 1
+        await self.store.note_event_attempt(head.seq)
+        if count > 1 and (isinstance(error, RSTimeout) or
+                          str(error).startswith("HTTP status 413")):
+            self._limit = max(1, count // 2)
+        delay = _backoff(self.retry_base, self.retry_cap, head.attempts)
+        log.warn("event outbox: {n} event(s) from {kind} #{seq} not delivered ({e!r}); retry "
+                 "in {d:.0f} s", n=count, kind=head.kind, seq=head.seq, e=error, d=delay)
+        return delay
