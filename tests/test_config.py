@@ -192,7 +192,9 @@ def test_a_relative_configuration_serves_from_any_working_directory(short_dir):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 60
-        while not (short_dir / "rs.sock").exists() or not _listening(port):
+        store = short_dir / "state" / "armsproxy.sqlite"  # opened after the listeners bind
+        while not (short_dir / "rs.sock").exists() or not _listening(port) \
+                or not store.exists():
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
             time.sleep(0.05)
         assert (short_dir / "state").is_dir()
