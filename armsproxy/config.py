@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from .arms.urls import url_problems
-from .tls import TLS_VERSIONS
+from .tls import TLS_VERSIONS, endpoint_fields, quote_endpoint_value
 
 PUSH_METHODS = ("https-simple", "https-tunnel")
 T = TypeVar("T")
@@ -139,43 +139,16 @@ ENDPOINT_PATH_KEYS = frozenset({"privateKey", "certKey", "extraCertChain", "caCe
                                 "dhParameters", "address"})
 
 
-def _raw_fields(description: str) -> list[str]:
-    """An endpoint string's ``:``-separated fields, escapes (``\\:``) kept as written."""
-    fields, current, escaped = [], [], False
-    for ch in description:
-        if escaped:
-            escaped = False
-        elif ch == "\\":
-            escaped = True
-        elif ch == ":":
-            fields.append("".join(current))
-            current = []
-            continue
-        current.append(ch)
-    fields.append("".join(current))
-    return fields
-
-
 def _unescape(raw: str) -> str:
-    out, escaped = [], False
-    for ch in raw:
-        if escaped or ch != "\\":
-            out.append(ch)
-            escaped = False
-        else:
-            escaped = True
-    return "".join(out)
-
-
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace(":", "\\:").replace("=", "\\=")
+    """One field as written (escapes kept) -> its value: a field holds no unescaped colon."""
+    return endpoint_fields(raw)[0]
 
 
 def resolve_endpoint_paths(description: str, base: Path) -> str:
     """``description`` with its relative file paths (``privateKey=``, ``certKey=``,
     ``extraCertChain=``, ``caCertsDir=``, ``dhParameters=``, a ``unix:`` socket) made
     absolute against ``base``; everything else exactly as written."""
-    fields = _raw_fields(description)
+    fields = endpoint_fields(description, keep_escapes=True)
     kind = fields[0]
     for i, raw in enumerate(fields[1:], start=1):
         key, sep, value = raw.partition("=")
@@ -184,18 +157,18 @@ def resolve_endpoint_paths(description: str, base: Path) -> str:
                 continue
             path = _unescape(value)
             if path and not Path(path).is_absolute():
-                fields[i] = f"{key}={_escape(str(base / path))}"
+                fields[i] = f"{key}={quote_endpoint_value(str(base / path))}"
         elif not sep and i == 1 and kind == "unix":
             path = _unescape(raw)
             if path and not Path(path).is_absolute():
-                fields[i] = _escape(str(base / path))
+                fields[i] = quote_endpoint_value(str(base / path))
     return ":".join(fields)
 
 
 def endpoint_summary(description: str) -> str:
     """``description`` without its key and certificate paths: the listener as a message
     names it (``ssl:443:interface=203.0.113.20``)."""
-    fields = _raw_fields(description)
+    fields = endpoint_fields(description, keep_escapes=True)
     hidden = ENDPOINT_PATH_KEYS - {"address"}
     return ":".join(f for f in fields if f.partition("=")[0] not in hidden)
 

@@ -115,23 +115,31 @@ class EndpointSpec:
     kwargs: dict[str, str] = field(default_factory=dict)
 
 
-def split_endpoint(description: str) -> EndpointSpec:
-    """Split an endpoint string the way Twisted does (``\\:`` escapes a colon)."""
-    parts: list[str] = []
-    current = []
+def endpoint_fields(description: str, *, keep_escapes: bool = False) -> list[str]:
+    """An endpoint string's ``:``-separated fields (``\\:`` escapes a colon); with
+    ``keep_escapes`` the backslashes stay, so that the fields can be joined back as written."""
+    fields: list[str] = []
+    current: list[str] = []
     escaped = False
     for ch in description:
         if escaped:
-            current.append(ch)
             escaped = False
         elif ch == "\\":
             escaped = True
+            if not keep_escapes:
+                continue
         elif ch == ":":
-            parts.append("".join(current))
+            fields.append("".join(current))
             current = []
-        else:
-            current.append(ch)
-    parts.append("".join(current))
+            continue
+        current.append(ch)
+    fields.append("".join(current))
+    return fields
+
+
+def split_endpoint(description: str) -> EndpointSpec:
+    """Split an endpoint string the way Twisted does (``\\:`` escapes a colon)."""
+    parts = endpoint_fields(description)
     spec = EndpointSpec(kind=parts[0])
     for part in parts[1:]:
         key, sep, value = part.partition("=")
@@ -177,8 +185,15 @@ def release_own_unix_lock(description: str) -> bool:
     return True
 
 
-def _quote(value: str) -> str:
+def quote_endpoint_value(value: str) -> str:
+    """A value as an endpoint string field: ``\\``, ``:`` and ``=`` escaped."""
     return value.replace("\\", "\\\\").replace(":", "\\:").replace("=", "\\=")
+
+
+def tcp_description(port: str, options: dict[str, str]) -> str:
+    """The plain ``tcp:`` endpoint under a TLS listener: the ``ssl:`` string's port and the
+    options left once the TLS keys were taken out."""
+    return ":".join(["tcp", port] + [f"{k}={quote_endpoint_value(v)}" for k, v in options.items()])
 
 
 def _read_pems(path: str, what: str) -> bytes:
@@ -350,7 +365,7 @@ def tls_listener(reactor: object, description: str, policy: TLSPolicy,
         _read_pems(chain_path, "certificate chain") if chain_path else None,
         policy,
     )
-    tcp = ":".join(["tcp", port] + [f"{k}={_quote(v)}" for k, v in spec.kwargs.items()])
+    tcp = tcp_description(port, spec.kwargs)
     endpoint = server_endpoint(reactor, tcp, "SA gate listener", description)
     policy.warn_if_legacy()
     return TLSListener(endpoint=endpoint, options=options, handshake_failures=handshake_failures)

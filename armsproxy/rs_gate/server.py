@@ -32,6 +32,7 @@ from ..tls import (
     server_endpoint,
     split_endpoint,
     ssl_error_text,
+    tcp_description,
     trust_store_certificates,
 )
 
@@ -202,10 +203,6 @@ def _read(path: str, what: str) -> bytes:
                                   f"{e.strerror}") from None
 
 
-def _quote(value: str) -> str:
-    return value.replace("\\", "\\\\").replace(":", "\\:").replace("=", "\\=")
-
-
 def tls_options(cert_pem: bytes, key_pem: bytes, chain_pem: bytes | None,
                 client_ca_pem: bytes | None, *,
                 require_client_certificate: bool = True) -> ssl.CertificateOptions:
@@ -265,7 +262,7 @@ def rs_gate_endpoint(reactor: Any, listen: str, *, tls_client_ca: bytes | None =
         if not require_client_certificate:
             log.warn("rs gate: TLS on {listen} without required client certificates: anyone "
                      "who can connect can push to every device", listen=listen)
-        tcp = ":".join(["tcp", port] + [f"{k}={_quote(v)}" for k, v in spec.kwargs.items()])
+        tcp = tcp_description(port, spec.kwargs)
         return TLSListener(endpoint=server_endpoint(reactor, tcp, "RS gate listener", listen),
                            options=options)
     if tls_client_ca is not None:
