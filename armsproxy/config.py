@@ -87,7 +87,14 @@ class Config:
     orphan_dones_ttl: float = 3600.0
     orphan_done_max_bytes: int = 262144
     # store
+    store_backend: str = "sqlite"  # or "postgresql" (store_dsn)
     store_path: Path | None = None  # default: data_dir/armsproxy.sqlite
+    store_dsn: str | None = None  # PostgreSQL: libpq connection string or URI
+    store_pool_size: int = 4  # PostgreSQL: connections (and threads) of this proxy
+    # instances (several proxies on one PostgreSQL store): the lease each renews; another
+    # instance takes over what one was sending once its lease expired
+    store_lease: float = 15.0
+    store_lease_renew: float = 5.0
     results_ttl: float = 7 * 86400.0
     # RS gate (XML-RPC for the RS)
     rs_gate_listen: str = "tcp:8780:interface=127.0.0.1"
@@ -136,7 +143,7 @@ def _path(value: str | None, base: Path) -> Path | None:
 # Endpoint-string arguments that name files or directories (Twisted's ssl: and unix:, and
 # ours): resolved against the configuration file like every other path.
 ENDPOINT_PATH_KEYS = frozenset({"privateKey", "certKey", "extraCertChain", "caCertsDir",
-                                "dhParameters", "address"})
+                                "dhParameters", "address", "ecdsaPrivateKey", "ecdsaCertKey"})
 
 
 def _unescape(raw: str) -> str:
@@ -146,8 +153,9 @@ def _unescape(raw: str) -> str:
 
 def resolve_endpoint_paths(description: str, base: Path) -> str:
     """``description`` with its relative file paths (``privateKey=``, ``certKey=``,
-    ``extraCertChain=``, ``caCertsDir=``, ``dhParameters=``, a ``unix:`` socket) made
-    absolute against ``base``; everything else exactly as written."""
+    ``extraCertChain=``, ``ecdsaPrivateKey=``, ``ecdsaCertKey=``, ``caCertsDir=``,
+    ``dhParameters=``, a ``unix:`` socket) made absolute against ``base``; everything else
+    exactly as written."""
     fields = endpoint_fields(description, keep_escapes=True)
     kind = fields[0]
     for i, raw in enumerate(fields[1:], start=1):
@@ -354,6 +362,19 @@ def value_problems(cfg: Config) -> list[str]:
             problems.append(f"{name}: at least 1 (or auto where allowed)")
     if cfg.rs_gate_request_timeout <= 0:
         problems.append("[rs_gate] request_timeout: more than 0 seconds")
+    if cfg.store_backend not in ("sqlite", "postgresql"):
+        problems.append(f"[store] backend: {cfg.store_backend!r}, use sqlite or postgresql")
+    elif cfg.store_backend == "postgresql":
+        if not cfg.store_dsn:
+            problems.append("[store] dsn: required with backend = postgresql")
+        if cfg.store_path is not None:
+            problems.append("[store] path: only with backend = sqlite (PostgreSQL: dsn)")
+    elif cfg.store_dsn:
+        problems.append("[store] dsn: only with backend = postgresql")
+    if not 0 < cfg.store_lease_renew < cfg.store_lease:
+        problems.append("[store] lease_renew, lease: 0 < lease_renew < lease (seconds)")
+    if cfg.store_pool_size < 1:
+        problems.append("[store] pool_size: at least 1")
     if cfg.management_request_timeout <= 5:
         problems.append("[management] request_timeout: more than 5 seconds (/readyz waits up "
                         "to 5 s for the store)")
@@ -414,7 +435,12 @@ def load(path: Path) -> Config:
         orphan_dones_max_per_sa=r.int("push", "orphan_dones_max_per_sa", 32),
         orphan_dones_ttl=r.float("push", "orphan_dones_ttl", 3600.0),
         orphan_done_max_bytes=r.int("push", "orphan_done_max_bytes", 262144),
+        store_backend=r.str("store", "backend", "sqlite").strip().lower(),
         store_path=r.path("store", "path"),
+        store_dsn=r.optional("store", "dsn"),
+        store_pool_size=r.int("store", "pool_size", 4),
+        store_lease=r.float("store", "lease", 15.0),
+        store_lease_renew=r.float("store", "lease_renew", 5.0),
         results_ttl=r.float("store", "results_ttl", 7 * 86400.0),
         rs_gate_listen=r.endpoint("rs_gate", "listen", "tcp:8780:interface=127.0.0.1"),
         rs_gate_client_ca=r.path("rs_gate", "client_ca"),
@@ -444,8 +470,10 @@ def embedded(data_dir: Path, *, port: int = 8443, rs_port: int = 8790,
     pki = data_dir / "pki"
     return validate(Config(
         data_dir=data_dir,
+        # Both certificates of the dev PKI: ECDSA to clients that offer it, RSA to the rest.
         sa_listen=f"ssl:{port}:interface={host}:privateKey={pki / 'server.key'}:"
-                  f"certKey={pki / 'server.pem'}",
+                  f"certKey={pki / 'server.pem'}:ecdsaPrivateKey={pki / 'server-ecdsa.key'}:"
+                  f"ecdsaCertKey={pki / 'server-ecdsa.pem'}",
         public_urls=[f"https://{host}:{port}/arms"],
         tls_minimum_version=tls_minimum_version,
         rs_url=f"http://127.0.0.1:{rs_port}/RPC2",
@@ -511,7 +539,8 @@ def check(cfg: Config, reactor: Any = None) -> list[str]:
             return
         spec = split_endpoint(description)
         missing = False
-        for key in ("privateKey", "certKey", "extraCertChain"):
+        for key in ("privateKey", "certKey", "extraCertChain", "ecdsaPrivateKey",
+                    "ecdsaCertKey"):
             name = spec.kwargs.get(key)
             if name:
                 try:
@@ -572,6 +601,8 @@ def check(cfg: Config, reactor: Any = None) -> list[str]:
 
 def store_setting(cfg: Config) -> str:
     """The setting that names the store's path, for messages."""
+    if cfg.store_backend == "postgresql":
+        return "[store] dsn"
     if cfg.store_path is not None:
         return "[store] path"
     return "--data-dir" if cfg.source == "embedded default" else "[armsproxy] data_dir"
@@ -583,6 +614,14 @@ def store_problems(cfg: Config) -> list[str]:
     own user may read it)."""
     from .store.migrations import SCHEMA_VERSION
 
+    if cfg.store_backend == "postgresql":
+        # Not connected to here: the schema version is checked when the store opens.
+        try:
+            import armsproxy.store.postgresql  # noqa: F401
+        except ImportError as e:
+            return [f"[store] backend: postgresql needs psycopg 3 and psycopg_pool ({e}): "
+                    "pip install 'armsproxy[postgresql]'"]
+        return []
     path = cfg.effective_store_path
     setting = store_setting(cfg)
     for parent in (path.parent, *path.parent.parents):

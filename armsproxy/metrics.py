@@ -39,6 +39,11 @@ from .limits import DeadlineSite, ListenerLimit
 from .push.operations import OPERATIONS
 
 PUSH_OUTCOMES = ("succeeded", "failed", "expired", "cancelled")
+#: push.submit: a new order stored, or a request_id already accepted (nothing new stored).
+SUBMIT_OUTCOMES = ("accepted", "repeated")
+#: Why an operation went back to its queue instead of finishing: an attempt failed (backoff),
+#: the SA answered busy, the SA is not reachable (parked untried), re-sent after a restart.
+REQUEUE_REASONS = ("retry", "busy", "waiting", "interrupted")
 #: ARMS result codes by hundred (1xx success, 3xx busy...), "none": the device never answered.
 RESULT_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx", "none", "other")
 #: Per attempt, send to answer: a device on a LAN answers in tens of ms, one behind a slow
@@ -62,6 +67,7 @@ _ERROR_OUTCOMES = {
     "RSTimeout": "timeout",
     "RSUnavailable": "unavailable",
     "RSProtocolError": "bad_answer",
+    "CancelledError": "cancelled",  # the caller gave up (the SA left, its budget ran out)
 }
 # Series that exist from the start, so that a monitor's rate() sees their first event.
 _PULL_TYPES = ("config-solicitation", "push-method-query", "push-confirmation-start")
@@ -118,6 +124,22 @@ class Metrics:
         for operation in OPERATIONS:
             for outcome in PUSH_OUTCOMES:
                 self.push_operations.labels(operation, outcome, _FIRST_RESULT[outcome])
+        # What the per-operation info lines counted before they went to debug (issue #11).
+        self.push_submitted = Counter(
+            "armsproxy_push_submitted",
+            "Orders push.submit took, by operation and outcome (accepted: stored; repeated: "
+            "its request_id was already accepted, nothing new stored).",
+            ("operation", "outcome"), registry=self.registry)
+        self.push_requeued = Counter(
+            "armsproxy_push_requeued",
+            "Operations put back in their queue instead of finishing, by operation and "
+            "reason (retry: an attempt failed, backoff; busy: the SA answered busy; waiting: "
+            "the SA is not reachable, parked untried; interrupted: re-sent after a restart).",
+            ("operation", "reason"), registry=self.registry)
+        for operation in OPERATIONS:
+            self.push_submitted.labels(operation, "accepted")
+            for reason in REQUEUE_REASONS:
+                self.push_requeued.labels(operation, reason)
         self.push_duration = Histogram(
             "armsproxy_push_duration_seconds",
             "One push attempt to a device, from sending (connect, for https-simple) to its "
@@ -131,6 +153,14 @@ class Metrics:
     def push_final(self, operation: str, outcome: str, result_code: int | None) -> None:
         """An operation reached ``outcome`` (succeeded, failed, expired, cancelled)."""
         self.push_operations.labels(operation, outcome, result_class(result_code)).inc()
+
+    def push_submit(self, operation: str, created: bool) -> None:
+        """push.submit took an order: stored (``created``) or a repeat of one."""
+        self.push_submitted.labels(operation, SUBMIT_OUTCOMES[0 if created else 1]).inc()
+
+    def push_requeue(self, operation: str, reason: str) -> None:
+        """An operation went back to its queue (``reason`` one of REQUEUE_REASONS)."""
+        self.push_requeued.labels(operation, reason).inc()
 
     def push_attempt(self, operation: str, method: str, error: BaseException | None,
                      seconds: float) -> None:

@@ -2,8 +2,11 @@
 
 The SA trusts exactly one certificate, the ``rs-certificate`` handed out by the LS (§2.1), so the
 CA is a self-signed root and every certificate we issue chains directly to it. Keys are RSA 2048
-with SHA-256 signatures because old device OpenSSL builds may lack ECDSA (§2.1). Devices often
-have no real-time clock, so certificates start a day in the past and last ten years.
+with SHA-256 signatures because old device OpenSSL builds may lack ECDSA (§2.1). The proxy's
+server also gets an ECDSA P-256 certificate from the same CA, served beside the RSA one: an
+ECDSA handshake costs the server about half the CPU of an RSA-2048 one, and OpenSSL gives it
+only to clients that offer ECDSA, so old devices still get RSA. Devices often have no real-time
+clock, so certificates start a day in the past and last ten years.
 """
 
 from __future__ import annotations
@@ -19,11 +22,12 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from twisted.logger import Logger
 
 from armsproxy.arms.distid import is_distid
+from armsproxy.tls import quote_endpoint_value
 
 log = Logger()
 
@@ -34,6 +38,10 @@ BACKDATE = datetime.timedelta(days=1)
 SA_PEM_LIMIT = 5120
 DEV_CA_COMMON_NAME = "ARMS Root CA armsproxy development"
 DEV_SERVER_COMMON_NAME = "armsproxy development server"
+#: The curve of the ECDSA server certificate: the one every ECDSA-capable TLS client supports.
+ECDSA_CURVE = ec.SECP256R1()
+
+LeafKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
 
 
 class PKIError(Exception):
@@ -44,8 +52,8 @@ class PKIError(Exception):
 class CertKey:
     """A certificate and its private key as PEM text (ASCII, ready for XML and XML-RPC).
 
-    The key is PKCS#1 ("BEGIN RSA PRIVATE KEY"), the form libarms accepted in the captured
-    config-solicitation answer.
+    An RSA key is PKCS#1 ("BEGIN RSA PRIVATE KEY"), the form libarms accepted in the captured
+    config-solicitation answer; the proxy's ECDSA server key is SEC 1 ("BEGIN EC PRIVATE KEY").
     """
 
     cert_pem: str
@@ -57,9 +65,18 @@ class CertKey:
 
     @property
     def private_key(self) -> rsa.RSAPrivateKey:
-        key = serialization.load_pem_private_key(self.key_pem.encode("ascii"), password=None)
+        """The RSA key (CAs and SA certificates are RSA only: devices may lack ECDSA)."""
+        key = self.any_private_key
         if not isinstance(key, rsa.RSAPrivateKey):
             raise PKIError("only RSA keys are supported")
+        return key
+
+    @property
+    def any_private_key(self) -> LeafKey:
+        """The key, RSA or ECDSA (the proxy's server certificates are either)."""
+        key = serialization.load_pem_private_key(self.key_pem.encode("ascii"), password=None)
+        if not isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey):
+            raise PKIError("only RSA and ECDSA keys are supported")
         return key
 
     def fingerprint_sha256(self) -> str:
@@ -68,7 +85,7 @@ class CertKey:
 
     def key_matches(self) -> bool:
         return _public_bytes(self.certificate.public_key()) == _public_bytes(
-            self.private_key.public_key()
+            self.any_private_key.public_key()
         )
 
 
@@ -95,6 +112,20 @@ class DevPKI:
     server_key_path: Path
     ca: CertKey
     server: CertKey
+    # The ECDSA P-256 server certificate from the same CA, served beside the RSA one.
+    server_ecdsa_cert_path: Path
+    server_ecdsa_key_path: Path
+    server_ecdsa: CertKey
+
+    @property
+    def sa_gate_tls_options(self) -> str:
+        """The endpoint-string options that serve both server certificates
+        (``privateKey=...:certKey=...:ecdsaPrivateKey=...:ecdsaCertKey=...``)."""
+        q = quote_endpoint_value
+        return (f"privateKey={q(str(self.server_key_path))}:"
+                f"certKey={q(str(self.server_cert_path))}:"
+                f"ecdsaPrivateKey={q(str(self.server_ecdsa_key_path))}:"
+                f"ecdsaCertKey={q(str(self.server_ecdsa_cert_path))}")
 
 
 def _public_bytes(key: object) -> bytes:
@@ -107,7 +138,7 @@ def _new_key() -> rsa.RSAPrivateKey:
     return rsa.generate_private_key(public_exponent=65537, key_size=RSA_KEY_SIZE)
 
 
-def _key_pem(key: rsa.RSAPrivateKey) -> str:
+def _key_pem(key: LeafKey) -> str:
     return key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.TraditionalOpenSSL,
@@ -125,7 +156,7 @@ def _name(common_name: str) -> x509.Name:
 
 
 def _builder(
-    subject: x509.Name, issuer: x509.Name, key: rsa.RSAPrivateKey, issuer_key: rsa.RSAPrivateKey
+    subject: x509.Name, issuer: x509.Name, key: LeafKey, issuer_key: rsa.RSAPrivateKey
 ) -> x509.CertificateBuilder:
     now = datetime.datetime.now(datetime.timezone.utc)
     return (
@@ -144,11 +175,12 @@ def _builder(
     )
 
 
-def _leaf_key_usage() -> x509.KeyUsage:
+def _leaf_key_usage(key: LeafKey) -> x509.KeyUsage:
     return x509.KeyUsage(
         digital_signature=True,
         content_commitment=False,
-        key_encipherment=True,  # RSA key exchange in TLS 1.0 suites of old devices
+        # RSA key exchange in TLS 1.0 suites of old devices; an ECDSA key only signs.
+        key_encipherment=isinstance(key, rsa.RSAPrivateKey),
         data_encipherment=False,
         key_agreement=False,
         key_cert_sign=False,
@@ -189,13 +221,14 @@ def _issue(
     common_name: str,
     usages: list[x509.ObjectIdentifier],
     san: list[x509.GeneralName],
+    key: LeafKey | None = None,
 ) -> CertKey:
     ca_cert, ca_key = ca.certificate, ca.private_key
-    key = _new_key()
+    key = key or _new_key()
     builder = (
         _builder(_name(common_name), ca_cert.subject, key, ca_key)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(_leaf_key_usage(), critical=True)
+        .add_extension(_leaf_key_usage(key), critical=True)
         .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
     )
     if san:
@@ -205,12 +238,17 @@ def _issue(
 
 
 def issue_server_cert(
-    ca: CertKey, ips: Sequence[str], common_name: str, *, dns_names: Sequence[str] = ()
+    ca: CertKey, ips: Sequence[str], common_name: str, *, dns_names: Sequence[str] = (),
+    ecdsa: bool = False,
 ) -> CertKey:
-    """The proxy's TLS server certificate; libarms checks no names, but other clients may."""
+    """The proxy's TLS server certificate; libarms checks no names, but other clients may.
+
+    RSA 2048, or with ``ecdsa`` ECDSA P-256 (signed by the same, RSA, CA: a client that
+    verifies the one verifies the other)."""
     san: list[x509.GeneralName] = [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]
     san += [x509.DNSName(name) for name in dns_names]
-    return _issue(ca, common_name, [ExtendedKeyUsageOID.SERVER_AUTH], san)
+    key = ec.generate_private_key(ECDSA_CURVE) if ecdsa else None
+    return _issue(ca, common_name, [ExtendedKeyUsageOID.SERVER_AUTH], san, key)
 
 
 def issue_sa_cert(ca: CertKey, distid: str) -> CertKey:
@@ -287,35 +325,54 @@ def _ensure_ca(ca_cert_path: Path, ca_key_path: Path) -> CertKey:
     return ca
 
 
-def ensure_dev_pki(directory: Path, ips: Sequence[str]) -> DevPKI:
-    """Create the dev CA and server certificate once; reuse them on later starts.
+#: The files of the development PKI, in a data directory's ``pki/``.
+DEV_PKI_FILES = ("ca.pem", "ca.key", "server.pem", "server.key", "server-ecdsa.pem",
+                 "server-ecdsa.key")
 
-    The CA is never replaced once written (devices trust it). The server certificate is
-    re-issued from the same CA when it is missing, broken or lacks one of ``ips``.
-    """
-    directory = Path(directory)
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    paths = {name: directory / name for name in ("ca.pem", "ca.key", "server.pem", "server.key")}
-    ca = _ensure_ca(paths["ca.pem"], paths["ca.key"])
-    for key_path in (paths["ca.key"], paths["server.key"]):
-        if key_path.exists() and (key_path.stat().st_mode & 0o077):
-            log.warn("tightening mode of {path} to 0600", path=str(key_path))
-            os.chmod(key_path, 0o600)
 
+def _ensure_server(ca: CertKey, cert_path: Path, key_path: Path, ips: Sequence[str],
+                   *, ecdsa: bool) -> CertKey:
+    """The server certificate in ``cert_path``/``key_path`` if usable (its key matches, the
+    CA issued it, it names every IP, its key is of the wanted type), else a new one there."""
     server: CertKey | None = None
-    if paths["server.pem"].exists() and paths["server.key"].exists():
+    if cert_path.exists() and key_path.exists():
         try:
-            server = load_certkey(paths["server.pem"], paths["server.key"])
+            server = load_certkey(cert_path, key_path)
             cert = server.certificate
-            if not (server.key_matches() and _issued_by(cert, ca) and _covers(cert, ips)):
+            kind = ec.EllipticCurvePrivateKey if ecdsa else rsa.RSAPrivateKey
+            if not (isinstance(server.any_private_key, kind) and server.key_matches()
+                    and _issued_by(cert, ca) and _covers(cert, ips)):
                 server = None
         except (ValueError, PKIError):
             server = None
     if server is None:
-        server = issue_server_cert(ca, ips, DEV_SERVER_COMMON_NAME)
-        _write(paths["server.key"], server.key_pem, 0o600)
-        _write(paths["server.pem"], server.cert_pem, 0o644)
-        log.info("issued development server certificate for {ips}", ips=list(ips))
+        server = issue_server_cert(ca, ips, DEV_SERVER_COMMON_NAME, ecdsa=ecdsa)
+        _write(key_path, server.key_pem, 0o600)
+        _write(cert_path, server.cert_pem, 0o644)
+        log.info("issued development {kind} server certificate for {ips}",
+                 kind="ECDSA" if ecdsa else "RSA", ips=list(ips))
+    return server
+
+
+def ensure_dev_pki(directory: Path, ips: Sequence[str]) -> DevPKI:
+    """Create the dev CA and server certificates once; reuse them on later starts.
+
+    The CA is never replaced once written (devices trust it). Each server certificate (RSA
+    ``server.pem``, ECDSA ``server-ecdsa.pem``) is re-issued from the same CA when it is
+    missing (a data directory from before the ECDSA one gets it on its next start), broken or
+    lacks one of ``ips``.
+    """
+    directory = Path(directory)
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    paths = {name: directory / name for name in DEV_PKI_FILES}
+    ca = _ensure_ca(paths["ca.pem"], paths["ca.key"])
+    for key_path in (paths["ca.key"], paths["server.key"], paths["server-ecdsa.key"]):
+        if key_path.exists() and (key_path.stat().st_mode & 0o077):
+            log.warn("tightening mode of {path} to 0600", path=str(key_path))
+            os.chmod(key_path, 0o600)
+    server = _ensure_server(ca, paths["server.pem"], paths["server.key"], ips, ecdsa=False)
+    server_ecdsa = _ensure_server(ca, paths["server-ecdsa.pem"], paths["server-ecdsa.key"], ips,
+                                  ecdsa=True)
     return DevPKI(
         directory=directory,
         ca_cert_path=paths["ca.pem"],
@@ -324,4 +381,7 @@ def ensure_dev_pki(directory: Path, ips: Sequence[str]) -> DevPKI:
         server_key_path=paths["server.key"],
         ca=ca,
         server=server,
+        server_ecdsa_cert_path=paths["server-ecdsa.pem"],
+        server_ecdsa_key_path=paths["server-ecdsa.key"],
+        server_ecdsa=server_ecdsa,
     )

@@ -37,6 +37,7 @@ from .config import (
     load,
     store_setting,
 )
+from .instance import InstanceService
 from .limits import DescriptorBudget, limited
 from .management import ManagementResource, ManagementSite
 from .metrics import Metrics, deadline_sites, listener_counts
@@ -254,7 +255,7 @@ class StoreService(service.MultiService):
     children without waiting for one another.
     """
 
-    def __init__(self, store: SQLiteStore, setting: str = "[store] path") -> None:
+    def __init__(self, store: Any, setting: str = "[store] path") -> None:
         super().__init__()
         self.store = store
         self.setting = setting  # what names the store's path, for the message if it fails
@@ -280,7 +281,8 @@ class StoreService(service.MultiService):
             why = " ".join(str(error).split()) or type(error).__name__
         if not isinstance(error, OSError | sqlite3.Error | StoreError):
             log.failure("cannot open the store", failure)  # unexpected: its traceback too
-        fatal(f"cannot open the store {self.store.path} ({self.setting}): {why}")
+        where = getattr(self.store, "where", None) or self.store.path  # PostgreSQL: its DSN
+        fatal(f"cannot open the store {where} ({self.setting}): {why}")
 
     def _start_failed(self, failure: Failure) -> None:
         log.failure("cannot start", failure)
@@ -331,10 +333,26 @@ def build_services(cfg: Config, reactor: Any = None) -> service.MultiService:
     )
     _Closing(rs).setServiceParent(top)
     keys = KeyCache(rs, reactor, ttl=cfg.key_cache_ttl)
-    cfg.effective_store_path.parent.mkdir(parents=True, exist_ok=True)
-    store = SQLiteStore(cfg.effective_store_path, reactor=reactor, close_on_shutdown=False)
+    store: Any
+    if cfg.store_backend == "postgresql":
+        assert cfg.store_dsn is not None  # config.value_problems
+        try:
+            from .store.postgresql import PostgreSQLStore
+        except ImportError as e:
+            raise FatalError(f"[store] backend = postgresql needs psycopg 3 and psycopg_pool "
+                             f"({e}): pip install 'armsproxy[postgresql]'") from None
+        store = PostgreSQLStore(cfg.store_dsn, reactor=reactor, pool_size=cfg.store_pool_size,
+                                close_on_shutdown=False)
+    else:
+        cfg.effective_store_path.parent.mkdir(parents=True, exist_ok=True)
+        store = SQLiteStore(cfg.effective_store_path, reactor=reactor, close_on_shutdown=False)
     push_side = StoreService(store, store_setting(cfg))
     push_side.setServiceParent(top)
+    # This process as one instance on the store (several share a PostgreSQL one): its lease,
+    # the engine under it, the outbox and purges only while it leads (armsproxy/instance.py).
+    instance = InstanceService(store, reactor, lease=cfg.store_lease,
+                               renew=cfg.store_lease_renew)
+    instance.setServiceParent(push_side)
     outbox = EventOutbox(store, rs, reactor, batch=cfg.rs_event_batch)
     tunnels = TunnelRegistry()
     assert cfg.sa_ca is not None
@@ -363,6 +381,7 @@ def build_services(cfg: Config, reactor: Any = None) -> service.MultiService:
             orphan_dones_max_per_sa=cfg.orphan_dones_max_per_sa,
             orphan_dones_ttl=cfg.orphan_dones_ttl,
             orphan_done_max_bytes=cfg.orphan_done_max_bytes,
+            takeover_every=cfg.store_lease_renew,
         ),
         on_events=outbox.kick,
         tunnels=tunnels,
@@ -370,10 +389,13 @@ def build_services(cfg: Config, reactor: Any = None) -> service.MultiService:
         # anything can be counted.
         counter=lambda name, n: relay.stats.update({name: n}),
         metrics=metrics,
+        instance=instance,
     )
-    engine.setServiceParent(push_side)
-    outbox.setServiceParent(push_side)
-    TimerService(3600, _purge, store, reactor, cfg.results_ttl).setServiceParent(push_side)
+    engine.setServiceParent(instance)
+    outbox.setServiceParent(instance.leader)
+    instance.on("events", outbox.kick)
+    TimerService(3600, _purge, store, reactor, cfg.results_ttl).setServiceParent(
+        instance.leader)
     try:
         rs_gate = rs_gate_service(
             reactor, cfg.rs_gate_listen, RSGate(engine, store, clock=reactor),
@@ -457,6 +479,7 @@ def build_services(cfg: Config, reactor: Any = None) -> service.MultiService:
     top.engine = engine  # type: ignore[attr-defined]
     top.tunnels = tunnels  # type: ignore[attr-defined]
     top.store = store  # type: ignore[attr-defined]
+    top.instance = instance  # type: ignore[attr-defined]
     top.budget = budget  # type: ignore[attr-defined]  # the listeners' limits, for tests
     top.handshake_failures = handshake_failures  # type: ignore[attr-defined]
     top.metrics = metrics  # type: ignore[attr-defined]
@@ -626,7 +649,9 @@ def _prepare_directories(cfg: Config, drop: tuple[int, int] | None) -> None:
     who = (f"uid {drop[0]} (gid {drop[1]}), which twistd -u/-g switches to" if drop
            else f"uid {os.geteuid()} (gid {os.getegid()})")
     embedded_default = cfg.source == "embedded default"
-    places = [(cfg.effective_store_path.parent, store_setting(cfg))]
+    places = []
+    if cfg.store_backend == "sqlite":  # PostgreSQL keeps nothing in a directory of ours
+        places.append((cfg.effective_store_path.parent, store_setting(cfg)))
     if cfg.demo_rs:
         places.append((cfg.data_dir, "--data-dir" if embedded_default
                        else "[armsproxy] data_dir"))
@@ -658,8 +683,10 @@ def _give_away(cfg: Config, drop: tuple[int, int]) -> None:
     database) go to that user, who opens them after the switch."""
     if not cfg.demo_rs:
         return
+    from .pki import DEV_PKI_FILES
+
     pki = cfg.data_dir / "pki"
-    paths = [pki, *(pki / name for name in ("ca.pem", "ca.key", "server.pem", "server.key"))]
+    paths = [pki, *(pki / name for name in DEV_PKI_FILES)]
     if cfg.demo_rs_db is not None:
         paths += [Path(f"{cfg.demo_rs_db}{suffix}") for suffix in ("", "-wal", "-shm")]
     for path in paths:

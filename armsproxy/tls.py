@@ -6,6 +6,11 @@ TLS 1.0 (§2.1), which OpenSSL 3 refuses unless the security level is lowered. S
 ``ssl:`` string ourselves, build ``CertificateOptions`` with the configured policy, and wrap a
 plain ``tcp:`` (or ``unix:``) endpoint with ``TLSMemoryBIOFactory``.
 
+A listener may serve an ECDSA certificate beside its RSA one (``ecdsaPrivateKey=``,
+``ecdsaCertKey=``), both on one OpenSSL context: OpenSSL picks per client, ECDSA for a client
+that offers it (half the server's handshake CPU of RSA-2048), RSA for old devices that offer
+only RSA suites (§2.1).
+
 The same :class:`TLSPolicy` governs both directions (§1 rule 1: a device's https-simple
 listener speaks TLS 1.0 too): the SA gate and tunnel listener, and the push client's context.
 :class:`HandshakeFailures` counts and logs the handshakes with devices that fail, both ways.
@@ -21,8 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from OpenSSL import SSL, crypto
 from twisted.internet import ssl
@@ -238,10 +244,82 @@ def trust_store_certificates(certs: list[x509.Certificate]) -> list[crypto.X509]
     return [crypto.X509.from_cryptography(c) for c in certs]
 
 
+#: Curves an ECDSA server certificate may use: those TLS clients support (named curves).
+ECDSA_CURVES = frozenset({"secp256r1", "secp384r1", "secp521r1"})
+
+
+@dataclass(frozen=True, slots=True)
+class ECDSACertificate:
+    """The ECDSA certificate and key a listener serves beside its RSA one, checked."""
+
+    certificate: x509.Certificate
+    private_key: ec.EllipticCurvePrivateKey
+    where: str = "ecdsaCertKey"  # the option (and file) it came from, for messages
+
+
+def _spki(key: Any) -> bytes:
+    return bytes(key.public_bytes(serialization.Encoding.DER,
+                                  serialization.PublicFormat.SubjectPublicKeyInfo))
+
+
+def ecdsa_certificate(cert_pem: bytes, key_pem: bytes, cert_where: str = "ecdsaCertKey",
+                      key_where: str = "ecdsaPrivateKey") -> ECDSACertificate:
+    """The ECDSA pair of a listener; anything else (an RSA key, another curve, a key that
+    does not match) a :class:`ListenerConfigError` naming ``cert_where``/``key_where`` (the
+    option and its file)."""
+    try:
+        key = load_pem_key(key_pem)
+    except ListenerConfigError as e:
+        raise ListenerConfigError(f"{key_where}: {e}") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise ListenerConfigError(
+            f"{key_where}: not an ECDSA key ({_key_kind(key)}; the RSA key goes in privateKey=)")
+    if key.curve.name not in ECDSA_CURVES:
+        raise ListenerConfigError(f"{key_where}: curve {key.curve.name} is not one TLS clients "
+                                  f"support ({', '.join(sorted(ECDSA_CURVES))})")
+    try:
+        certificate = load_pem_chain(cert_pem)[0]
+    except ListenerConfigError as e:
+        raise ListenerConfigError(f"{cert_where}: {e}") from None
+    if _spki(certificate.public_key()) != _spki(key.public_key()):
+        raise ListenerConfigError(f"{cert_where}: the certificate does not match the key of "
+                                  f"{key_where}")
+    return ECDSACertificate(certificate, key, cert_where)
+
+
+def _key_kind(key: object) -> str:
+    if isinstance(key, rsa.RSAPrivateKey):
+        return f"RSA-{key.key_size}"
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        return f"ECDSA {key.curve.name}"
+    return type(key).__name__.lstrip("_")
+
+
+def _check_same_ca(rsa_cert: x509.Certificate, chain: list[x509.Certificate],
+                   ecdsa: ECDSACertificate) -> None:
+    """Devices trust one CA (§2.1) and the listener sends one ``extraCertChain`` whichever
+    certificate OpenSSL picks: the ECDSA certificate must have the RSA one's issuer."""
+    cert, where = ecdsa.certificate, ecdsa.where
+    if cert.issuer != rsa_cert.issuer:
+        raise ListenerConfigError(
+            f"{where}: issued by {cert.issuer.rfc4514_string()!r}, the RSA certificate by "
+            f"{rsa_cert.issuer.rfc4514_string()!r}: both must chain to the CA devices trust")
+    issuer = next((c for c in chain if c.subject == cert.issuer), None)
+    if issuer is not None:
+        try:
+            cert.verify_directly_issued_by(issuer)
+        except (ValueError, TypeError, InvalidSignature):
+            raise ListenerConfigError(
+                f"{where}: not signed by {issuer.subject.rfc4514_string()!r} of "
+                "extraCertChain") from None
+
+
 def certificate_options(
-    cert_pem: bytes, key_pem: bytes, chain_pem: bytes | None, policy: TLSPolicy
+    cert_pem: bytes, key_pem: bytes, chain_pem: bytes | None, policy: TLSPolicy,
+    ecdsa: ECDSACertificate | None = None, key_where: str = "privateKey",
 ) -> ssl.CertificateOptions:
-    """The SA gate's server options under ``policy``; unusable material is a
+    """The SA gate's server options under ``policy``, with ``ecdsa`` served beside the RSA
+    certificate on the same context (OpenSSL picks per client); unusable material is a
     :class:`ListenerConfigError` at startup, not a failed handshake later."""
     try:
         certificate = load_pem_chain(cert_pem)[0]
@@ -249,6 +327,12 @@ def certificate_options(
         chain = load_pem_chain(chain_pem) if chain_pem else []
     except ListenerConfigError as e:
         raise ListenerConfigError(f"unusable certificate or key: {e}") from None
+    if ecdsa is not None:
+        if not isinstance(private_key, rsa.RSAPrivateKey):
+            raise ListenerConfigError(
+                f"{key_where}: not an RSA key ({_key_kind(private_key)}); with "
+                "ecdsaPrivateKey= it must be the RSA one, for devices without ECDSA")
+        _check_same_ca(certificate, chain, ecdsa)
     kwargs: dict[str, object] = {}
     minimum = TLS_VERSIONS[policy.minimum_version]
     if policy.legacy:
@@ -269,6 +353,16 @@ def certificate_options(
         raise ListenerConfigError(f"unusable certificate or key: {ssl_error_text(e)}") from None
     except TypeError as e:  # a key type OpenSSL contexts do not take
         raise ListenerConfigError(f"unusable certificate or key: {e}") from None
+    if ecdsa is not None:
+        # A second key type on the same context: OpenSSL keeps one certificate per type and
+        # chooses by what the client offers (signature algorithms, cipher suites).
+        try:
+            context.use_certificate(ecdsa.certificate)
+            context.use_privatekey(ecdsa.private_key)
+            context.check_privatekey()
+        except SSL.Error as e:
+            raise ListenerConfigError(
+                f"unusable ECDSA certificate or key: {ssl_error_text(e)}") from None
     policy.apply(context)
     return options
 
@@ -341,7 +435,8 @@ class TLSListener:
 
 def tls_listener(reactor: object, description: str, policy: TLSPolicy,
                  handshake_failures: HandshakeFailures | None = None) -> TLSListener:
-    """``ssl:PORT:privateKey=K:certKey=C[:extraCertChain=X][:interface=I][:backlog=N]``."""
+    """``ssl:PORT:privateKey=K:certKey=C[:extraCertChain=X][:ecdsaPrivateKey=EK:ecdsaCertKey=EC]
+    [:interface=I][:backlog=N]``; with the ``ecdsa`` pair both certificates are served."""
     spec = split_endpoint(description)
     if spec.kind != "ssl":
         raise ListenerConfigError(
@@ -355,15 +450,27 @@ def tls_listener(reactor: object, description: str, policy: TLSPolicy,
     if not key_path:
         raise ListenerConfigError(f"SA gate listener {description!r}: privateKey= is required")
     chain_path = spec.kwargs.pop("extraCertChain", None)
+    ecdsa_key_path = spec.kwargs.pop("ecdsaPrivateKey", None)
+    ecdsa_cert_path = spec.kwargs.pop("ecdsaCertKey", None) or ecdsa_key_path
+    if ecdsa_cert_path and not ecdsa_key_path:
+        raise ListenerConfigError("ecdsaCertKey= needs ecdsaPrivateKey= (the ECDSA key)")
     for ignored in ("sslmethod", "method", "dhParameters"):
         if spec.kwargs.pop(ignored, None) is not None:
             log.warn("SA gate listener: {opt}= ignored; TLS versions come from "
                      "tls_minimum_version", opt=ignored)
+    ecdsa = None
+    if ecdsa_key_path and ecdsa_cert_path:
+        ecdsa = ecdsa_certificate(
+            _read_pems(ecdsa_cert_path, "ECDSA certificate (ecdsaCertKey=)"),
+            _read_pems(ecdsa_key_path, "ECDSA private key (ecdsaPrivateKey=)"),
+            f"ecdsaCertKey={ecdsa_cert_path}", f"ecdsaPrivateKey={ecdsa_key_path}")
     options = certificate_options(
         _read_pems(cert_path, "certificate"),
         _read_pems(key_path, "private key"),
         _read_pems(chain_path, "certificate chain") if chain_path else None,
         policy,
+        ecdsa,
+        key_where=f"privateKey={key_path}",
     )
     tcp = tcp_description(port, spec.kwargs)
     endpoint = server_endpoint(reactor, tcp, "SA gate listener", description)

@@ -1,46 +1,63 @@
-"""Push benchmark: the RS orders operations through the RS gate, armsproxy pushes them to K SAs.
+"""Push benchmark: CPU per push of armsproxy against a bare TLS client's per request.
 
-    python bench/push.py [--sas 20] [--operations 1000] [--concurrency K] [--mix]
+    python bench/push.py [--sas 20] [--operations 1000] [--concurrency K] [--mix] [--runs 1]
                          [--poll 0.005] [--profile FILE]
 
-Three processes, so that armsproxy has a core to itself as it would in production:
+The RS orders operations through the RS gate and armsproxy pushes them (https-simple) to K
+simulated SAs. Processes, so that each one's CPU is its own:
 
-* armsproxy, embedded default (demo RS, dev PKI, SQLite), as ``twistd -n armsproxy``;
+* armsproxy, set up as the embedded default is (dev PKI, SQLite, SA gate certificates), as
+  ``twist --log-level=info armsproxy`` (as etc/armsproxy.service runs it: twistd would write
+  debug lines too), with the demo RS in a process of its own (bench/cpu.py's
+  ``armsproxy_config``, as bench/tunnels.py --rs-process runs it): in production the
+  RS is elsewhere, so armsproxy's process holds armsproxy's work only (the demo RS's CPU per
+  push, the RS events and key look-ups, is printed apart);
 * K simulated SAs (``--devices``, a mode of this file): registers K distids with the demo RS
   CLI, issues their certificates, and has each device pull (learning its SA certificate from
   the config-solicitation answer), negotiate https-simple and confirm its own listener; then
   it only serves pushes (and, for 2-way operations, posts the done-requests);
 * this process: the RS (XML-RPC over a persistent Twisted ``Agent`` pool, marshalled with
-  ``xmlrpc.client``) and the baseline client.
+  ``xmlrpc.client``);
+* the baseline client (``--baseline``, a mode of this file), a new process per measured run.
 
 Load is a closed loop of ``--concurrency`` orders (default K): each slot submits an order
 (round-robin over the SAs), waits until it is final, submits the next. The 1-way read-only mix
 (check-transaction, read-module-list) is the default; ``--mix`` adds 2-way ping and read-status,
 whose result needs the SA's done-request (a second TLS connection, SA -> armsproxy).
 
-Timing, and why this way: submit -> result is the final state's ``updated_at`` (armsproxy's
-clock) minus the wall-clock time taken just before ``push.submit`` was sent (this process's
-clock; both are ``time.time()`` on one host). So the figure is exact to the commit of the
-result and does not depend on how often this process looks. A slot learns that its order is
-final from one ``push.list`` of the non-final states per ``--poll`` interval for all slots
-(never one ``push.status`` per order). Measured at K=20: a poll costs armsproxy about 1 ms and
-returns in ~20 ms under load, so ~45 polls/s take ~5% of its core; polling late only idles a
-slot, it does not stretch the latency figures. Counting ``operation.succeeded`` events at the
-demo RS was not used: it would time the outbox's delivery as well, and the demo RS lives in
-armsproxy's process, so polling it costs the same core. The RS side here (Agent + xmlrpc.client)
-uses ~1 ms of CPU per push, polls included, well below armsproxy's ~5 ms: not the bottleneck.
-
-Baseline, in the same run, same concurrency, M requests: a bare Twisted TLS client (fresh
-connection, handshake without SNI, chain checked against the dev CA, the same push request bytes
+Baseline, same concurrency, M requests: a bare Twisted TLS client (fresh connection, handshake
+without SNI, chain checked against the dev CA, the same push request bytes
 ``framing.build_push_request`` gives for the same 1-way operations, read to EOF) against the
-same simulated SA listeners. That is what one push costs at the least on this machine, device
-side included; with 2 cores it is bounded by the simulated SAs and the client together, so also
-compare the printed CPU per operation, which other load on the machine disturbs less than the
-rates. With ``--mix`` the baseline still sends the 1-way requests (a bare client has no
-done-request to wait for), so the ratio then overstates the cost of armsproxy.
+same simulated SA listeners: what sending one push costs at the least. With ``--mix`` the
+baseline still sends the 1-way requests (a bare client has no done-request to wait for), so
+the comparison then overstates the cost of armsproxy.
+
+The figure compared is CPU per operation (bench/cpu.py: utime + stime of every thread of the
+process, from /proc/PID/stat) of the armsproxy process per successful push and of the baseline
+client's process per successful request, over the measured phase only: after a warm-up (every
+SA once, both ways), with the readings taken once the processes are quiet, so what the phase
+left behind (RS events, store writes) is charged to it. Wall-clock rates on a shared 2-core
+machine move by 20% or more with other load; CPU per operation much less, since waiting for a
+core costs none. ``--runs R`` repeats the measured phases (baseline, then armsproxy) R times
+on the same processes; the summary gives the median CPU per operation of each and the last
+line is ``cpu_ratio=<baseline client's CPU per request / armsproxy's CPU per push>``: 1.00
+would be armsproxy costing what the bare client does; the aim is at most twice, 0.50.
+
+Also printed, for information: pushes/s and requests/s, p50/p99 latency, the CPU per operation
+of every process and how busy each was, and the ratio of the rates. Timing of a push, and why
+this way: submit -> result is the final state's ``updated_at`` (armsproxy's clock) minus the
+wall-clock time taken just before ``push.submit`` was sent (this process's clock; both are
+``time.time()`` on one host). So the figure is exact to the commit of the result and does not
+depend on how often this process looks. A slot learns that its order is final from one
+``push.list`` of the non-final states per ``--poll`` interval for all slots (never one
+``push.status`` per order). Measured at K=20: a poll costs armsproxy about 1 ms and returns in
+~20 ms under load, so ~45 polls/s take ~5% of its core; polling late only idles a slot, it does
+not stretch the latency figures. Counting ``operation.succeeded`` events at the demo RS was not
+used: it would time the outbox's delivery as well. The RS side here (Agent + xmlrpc.client)
+uses ~1 ms of CPU per push, polls included: not the bottleneck.
 
 ``--profile FILE`` runs armsproxy under twistd's cProfile (reactor thread only, whole life of
-the process, and slower: its rates are not comparable) and prints the top functions.
+the process, and slower: its figures are not comparable) and prints the top functions.
 
 Everything runs on 127.0.0.1, bounded in count and in time (``--timeout``); child processes are
 stopped (and die with this process) and the temporary directory is removed, also on Ctrl-C.
@@ -51,6 +68,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import dataclasses
+import importlib.util
 import json
 import os
 import signal
@@ -62,9 +81,10 @@ import tempfile
 import time
 import warnings
 import xmlrpc.client
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from OpenSSL import SSL, crypto
@@ -88,6 +108,22 @@ TWO_WAY_MIX: list[tuple[str, dict[str, Any]]] = [
 ]
 NOT_FINAL = ["queued", "sending", "started"]
 PAGE = 1000  # push.list's largest page
+RS_NAME = "this process (RS)"
+BASELINE_NAME = "baseline client"
+
+
+def _load_cpu() -> ModuleType:
+    """bench/cpu.py, loaded by path (this directory is no package)."""
+    spec = importlib.util.spec_from_file_location(
+        "_bench_cpu", Path(__file__).resolve().with_name("cpu.py"))
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault(spec.name, module)
+    spec.loader.exec_module(module)
+    return module
+
+
+cpu = sys.modules.get("_bench_cpu") or _load_cpu()
 
 
 def distid_for(index: int) -> str:
@@ -170,11 +206,7 @@ def machine_busy() -> tuple[float, float]:
 
 def cpu_seconds(pid: int | None = None) -> float:
     """User + system CPU time of a process (threads included); this one if pid is None."""
-    if pid is None:
-        t = os.times()
-        return t.user + t.system
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return float(cpu.process_cpu("self" if pid is None else pid))
 
 
 # -- the simulated SAs (child process) -------------------------------------------------------
@@ -438,9 +470,27 @@ class _BareTLS:
         return conn
 
 
+async def timed(run: Awaitable[PhaseResult], pids: dict[str, int]) -> PhaseResult:
+    """Await ``run`` (a coroutine not yet started) with the CPU of ``pids`` read, settled,
+    just before and just after (bench/cpu.py); also the machine's busy CPU over that time."""
+    from twisted.internet import threads
+
+    before = await threads.deferToThread(cpu.settled, pids)
+    machine, start = cpu.machine_busy(), time.monotonic()
+    result = await run
+    after = await threads.deferToThread(cpu.settled, pids)
+    result.cpu_wall = time.monotonic() - start
+    result.cpu = {k: after[k] - before[k] for k in pids}
+    result.cpu["machine"] = cpu.machine_busy() - machine
+    return result
+
+
 async def baseline_phase(devices: list[dict[str, Any]], ca_pem: bytes, total: int,
-                         concurrency: int, warmup: int) -> PhaseResult:
-    """``total`` bare push requests over fresh TLS connections, ``concurrency`` at a time."""
+                         concurrency: int, warmup: int, pids: dict[str, int] | None = None
+                         ) -> PhaseResult:
+    """``warmup`` then ``total`` bare push requests over fresh TLS connections,
+    ``concurrency`` at a time; the CPU of this process ("baseline client") and of ``pids``
+    over the measured requests."""
     from twisted.internet import defer, reactor
     from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, wrapClientTLS
     from twisted.internet.protocol import Protocol
@@ -499,43 +549,56 @@ async def baseline_phase(devices: list[dict[str, Any]], ca_pem: bytes, total: in
             else:
                 failures += 1
 
+    async def load() -> PhaseResult:
+        start = time.perf_counter()
+        await defer.gatherResults([defer.ensureDeferred(slot()) for _ in range(concurrency)],
+                                  consumeErrors=True)
+        return PhaseResult("baseline", time.perf_counter() - start, latencies, failures)
+
     for i in range(warmup):
         await one(i)
-    start = time.perf_counter()
-    await defer.gatherResults([defer.ensureDeferred(slot()) for _ in range(concurrency)],
-                              consumeErrors=True)
-    return PhaseResult("baseline", time.perf_counter() - start, latencies, failures)
+    return await timed(load(), {BASELINE_NAME: os.getpid(), **(pids or {})})
+
+
+async def baseline_process(args: argparse.Namespace, work: Path, pids: dict[str, int]
+                           ) -> PhaseResult:
+    """:func:`baseline_phase` in a new process (``--baseline``), so that the bare client's
+    CPU is its own and not this process's, which is the RS."""
+    from twisted.internet import threads
+
+    command = [sys.executable, str(Path(__file__).resolve()), "--baseline", str(work),
+               "--operations", str(args.operations), "--concurrency", str(args.concurrency),
+               "--timeout", str(args.timeout),
+               "--watch", ",".join(f"{name}={pid}" for name, pid in pids.items())]
+    out = await threads.deferToThread(
+        subprocess.run, command, cwd=work, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=args.timeout,
+        preexec_fn=_die_with_parent)
+    if out.returncode != 0:
+        raise SystemExit(f"baseline client exited with {out.returncode}:\n{out.stderr[-3000:]}")
+    return PhaseResult(**json.loads(out.stdout.strip().splitlines()[-1]))
 
 
 async def measure(args: argparse.Namespace, gate_url: str, devices: list[dict[str, Any]],
-                  ca_pem: bytes, pids: dict[str, int]) -> list[PhaseResult]:
+                  work: Path, pids: dict[str, int]) -> list[list[PhaseResult]]:
+    """Warm-up, then ``args.runs`` times: the baseline client (its own process), then the
+    pushes through armsproxy; the CPU of ``pids`` and of this process over each."""
     from twisted.internet import reactor
-
-    def cpu_now() -> dict[str, float]:
-        now = {name: cpu_seconds(pid) for name, pid in pids.items()}
-        now["this process (RS, client)"] = cpu_seconds()
-        now["machine"] = machine_busy()[0]
-        return now
-
-    async def timed(run: Any) -> PhaseResult:
-        before, start = cpu_now(), time.monotonic()
-        result: PhaseResult = await run
-        after = cpu_now()
-        result.cpu_wall = time.monotonic() - start
-        result.cpu = {k: after[k] - before[k] for k in before}
-        return result
 
     gate = Gate(reactor, gate_url, args.concurrency + 4)
     mix = TWO_WAY_MIX if args.mix else ONE_WAY_MIX
     k = len(devices)
     # Warm-up: every SA once (the key cache, connection pools, first-use imports).
     await push_phase(gate, devices, mix, k * len(mix), args.concurrency, args.poll, "warm")
-    results = [await timed(baseline_phase(devices, ca_pem, args.operations, args.concurrency,
-                                          warmup=k))]
-    results.append(await timed(push_phase(gate, devices, mix, args.operations,
-                                          args.concurrency, args.poll, "bench")))
+    watched = {**pids, RS_NAME: os.getpid()}
+    runs = []
+    for run in range(args.runs):
+        baseline = await baseline_process(args, work, {"SAs": pids["SAs"]})
+        pushed = await timed(push_phase(gate, devices, mix, args.operations, args.concurrency,
+                                        args.poll, f"bench{run}"), watched)
+        runs.append([baseline, pushed])
     await gate.pool.closeCachedConnections()
-    return results
+    return runs
 
 
 def run_reactor(coro_fn: Callable[[], Any], timeout: float) -> Any:
@@ -575,31 +638,46 @@ def run_reactor(coro_fn: Callable[[], Any], timeout: float) -> Any:
 
 
 def report(args: argparse.Namespace, k: int, setup: dict[str, float],
-           results: list[PhaseResult]) -> None:
+           runs: list[list[PhaseResult]]) -> None:
     mix = TWO_WAY_MIX if args.mix else ONE_WAY_MIX
     print(f"push benchmark: {k} simulated SAs (https-simple), {args.operations} operations, "
-          f"{args.concurrency} in flight; mix {', '.join(op for op, _ in mix)}; "
-          f"SA setup {setup['setup_seconds']:.1f} s (of which registering and issuing "
-          f"certificates {setup['certify_seconds']:.1f} s)")
-    for r in results:
-        what = "pushes/s" if r.name == "armsproxy" else "req/s   "
-        print(f"{r.name:9s} {len(r.latencies):6d} ok {r.failures:4d} failed "
-              f"{r.rate:8.1f} {what} p50 {quantile(r.latencies, 50) * 1000:7.1f} ms  "
-              f"p99 {quantile(r.latencies, 99) * 1000:7.1f} ms")
-        ops = max(len(r.latencies) + r.failures, 1)
-        own = {n: v for n, v in r.cpu.items() if n != "machine" and v / r.cpu_wall > 0.05}
-        others = r.cpu.get("machine", 0.0) - sum(v for n, v in r.cpu.items() if n != "machine")
-        print(f"          CPU per {'push' if r.name == 'armsproxy' else 'request'}: "
-              + ", ".join(f"{n} {v / ops * 1000:.2f} ms" for n, v in own.items())
-              + "; busy: " + ", ".join(f"{n} {v / r.cpu_wall * 100:.0f}%" for n, v in own.items())
-              + f", other processes {max(others, 0) / r.cpu_wall * 100:.0f}% "
-              f"(of one core; {os.cpu_count()} cores)")
-        for note in r.notes:
-            print(f"          {note}")
-    by = {r.name: r for r in results}
-    ratio = by["armsproxy"].rate / by["baseline"].rate if by["baseline"].rate else 0.0
-    print(f"ratio armsproxy/baseline: {ratio:.2f}"
-          + ("  (baseline sends 1-way requests only)" if args.mix else ""))
+          f"{args.concurrency} in flight, {len(runs)} run(s); mix {', '.join(op for op, _ in mix)}"
+          f"; SA setup {setup['setup_seconds']:.1f} s (of which registering and issuing "
+          f"certificates {setup['certify_seconds']:.1f} s); demo RS in its own process")
+    per_op: dict[str, list[float]] = {"armsproxy": [], BASELINE_NAME: [], "demo RS": []}
+    for n, results in enumerate(runs):
+        if len(runs) > 1:
+            print(f"run {n + 1} of {len(runs)}")
+        for r in results:
+            what = "pushes/s" if r.name == "armsproxy" else "req/s   "
+            print(f"{r.name:9s} {len(r.latencies):6d} ok {r.failures:4d} failed "
+                  f"{r.rate:8.1f} {what} p50 {quantile(r.latencies, 50) * 1000:7.1f} ms  "
+                  f"p99 {quantile(r.latencies, 99) * 1000:7.1f} ms")
+            ok = len(r.latencies)
+            own = {name: v for name, v in r.cpu.items() if name != "machine"}
+            for name in per_op:
+                if name in own:
+                    per_op[name].append(cpu.per_op_ms(own[name], ok))
+            others = r.cpu.get("machine", 0.0) - sum(own.values())
+            print(f"          CPU per {'push' if r.name == 'armsproxy' else 'request'}: "
+                  + ", ".join(f"{name} {cpu.per_op_ms(v, ok):.3f} ms" for name, v in own.items())
+                  + "; busy: " + ", ".join(f"{name} {v / r.cpu_wall * 100:.0f}%"
+                                           for name, v in own.items())
+                  + f", other processes {max(others, 0) / r.cpu_wall * 100:.0f}% "
+                  f"(of one core; {os.cpu_count()} cores)")
+            for note in r.notes:
+                print(f"          {note}")
+        by = {r.name: r for r in results}
+        ratio = by["armsproxy"].rate / by["baseline"].rate if by["baseline"].rate else 0.0
+        print(f"ratio armsproxy/baseline: {ratio:.2f}"
+              + ("  (baseline sends 1-way requests only)" if args.mix else ""))
+    medians = {name: cpu.median(values) for name, values in per_op.items()}
+    print(f"CPU per operation, median of {len(runs)} run(s): armsproxy "
+          f"{medians['armsproxy']:.3f} ms per push, baseline client "
+          f"{medians[BASELINE_NAME]:.3f} ms per request; demo RS {medians['demo RS']:.3f} ms "
+          f"per push (its own process, not in armsproxy's)"
+          + ("; baseline sends 1-way requests only" if args.mix else ""))
+    print(cpu.ratio_line(medians[BASELINE_NAME], medians["armsproxy"]))
 
 
 def print_profile(path: Path, out: Path | None) -> None:
@@ -628,13 +706,32 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="seconds between push.list polls for finished orders")
     parser.add_argument("--profile", type=Path, default=None,
                         help="run armsproxy under cProfile, save the stats here, print the top")
-    parser.add_argument("--timeout", type=float, default=300.0,
-                        help="give up (and clean up) after this many seconds")
+    parser.add_argument("--runs", type=int, default=1,
+                        help="measured phases (baseline, then armsproxy) on the same processes; "
+                             "the median CPU per operation is compared")
+    parser.add_argument("--timeout", type=float, default=None,
+                        help="give up (and clean up) after this many seconds; "
+                             "default 240 + 60 per run")
     parser.add_argument("--devices", type=Path, help=argparse.SUPPRESS)  # child mode: work dir
     parser.add_argument("--proxy-port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--baseline", type=Path, help=argparse.SUPPRESS)  # child mode: work dir
+    parser.add_argument("--watch", default="", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.runs < 1:
+        parser.error("--runs >= 1")
+    args.timeout = args.timeout or 240.0 + 60.0 * args.runs
     if args.devices:
         serve_devices(args.devices, args.sas, args.proxy_port, args.timeout)
+        return 0
+    if args.baseline:
+        devices = json.loads((args.baseline / "devices.json").read_text())["devices"]
+        ca_pem = (args.baseline / "data" / "pki" / "ca.pem").read_bytes()
+        watch = {name: int(pid) for name, pid in
+                 (item.rsplit("=", 1) for item in args.watch.split(",") if item)}
+        result = run_reactor(lambda: baseline_phase(
+            devices, ca_pem, args.operations, args.concurrency or len(devices),
+            warmup=len(devices), pids=watch), args.timeout)
+        print(json.dumps(dataclasses.asdict(result)))
         return 0
     if not 1 <= args.sas <= 0xFFFF or args.operations < 1:
         parser.error("--sas 1..65535 and --operations >= 1")
@@ -651,14 +748,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         procs: list[subprocess.Popen[bytes]] = []
         try:
             sa_port, rs_port, gate_port = free_port(), free_port(), free_port()
+            # The demo RS in a process of its own, as bench/tunnels.py --rs-process runs it.
+            conf = cpu.armsproxy_config(work, sa_port, rs_port, gate_port)
+            rs_log = work / "demo-rs.log"
+            rs = spawn(["-m", "armsproxy.demo_rs.cli", "--db",
+                        str(work / "data" / "demo-rs.sqlite"), "serve", "--listen",
+                        f"tcp:{rs_port}:interface=127.0.0.1"], work, rs_log)
+            procs.append(rs)
+            wait_until(port_open(rs_port), rs, rs_log, "demo RS", 60)
             profile = work / "proxy.prof"
-            twistd = ["-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=",
-                      f"--logfile={work / 'twistd.log'}"]
-            if args.profile:
-                twistd += [f"--profile={profile}", "--profiler=cprofile", "--savestats"]
-            twistd += ["armsproxy", "--data-dir", str(work / "data"), "--port", str(sa_port),
-                       "--rs-port", str(rs_port), "--rs-gate-port", str(gate_port),
-                       "--management-port", "0"]
+            if args.profile:  # twistd's profiler; it writes debug lines too (no level filter)
+                twistd = ["-c", "from twisted.scripts.twistd import run; run()", "-n",
+                          "--pidfile=", f"--logfile={work / 'twistd.log'}",
+                          f"--profile={profile}", "--profiler=cprofile", "--savestats"]
+            else:
+                twistd = cpu.twist_args(work / "twist.log")
+            twistd += ["armsproxy", "--config", str(conf)]
             proxy_log = work / "proxy.log"
             proxy = spawn(twistd, work, proxy_log)
             procs.append(proxy)
@@ -673,10 +778,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             wait_until((work / "devices.json").exists, devices_proc, devices_log,
                        "simulated SAs", max(remaining, 1.0))
             ready = json.loads((work / "devices.json").read_text())
-            ca_pem = (work / "data" / "pki" / "ca.pem").read_bytes()
             results = run_reactor(
                 lambda: measure(args, f"http://127.0.0.1:{gate_port}/RPC2", ready["devices"],
-                                ca_pem, {"armsproxy": proxy.pid, "SAs": devices_proc.pid}),
+                                work, {"armsproxy": proxy.pid, "demo RS": rs.pid,
+                                       "SAs": devices_proc.pid}),
                 args.timeout - (time.monotonic() - started))
             report(args, len(ready["devices"]), ready, results)
         finally:

@@ -28,6 +28,9 @@ from twisted.logger import formatEvent, globalLogPublisher
 
 from armsproxy.tls import TLSPolicy, load_pem_chain, load_pem_key, tls_listener
 
+# The throwaway PostgreSQL server (pg_cluster, pg_dsn) for the PostgreSQL store's tests.
+pytest_plugins = ["pgserver"]
+
 # twisted.web.xmlrpc subclasses the deprecated twisted.web.http.HTTPClient (twisted#12172), so
 # importing it warns on Twisted >= 24.7 whatever imports it. Import it once, that warning
 # silenced, so ``-W error::DeprecationWarning`` still catches our own.

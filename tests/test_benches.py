@@ -28,17 +28,33 @@ def _bench(name: str, *args: str) -> str:
 
 @pytest.mark.timeout(300)
 def test_pull_bench():
-    out = _bench("pull.py", "--concurrency", "3", "--requests", "12")
-    assert re.search(r"^bare\s+12 ok\s+0 failed", out, re.M), out
-    assert re.search(r"^proxy\s+12 ok\s+0 failed", out, re.M), out
-    assert re.search(r"ratio proxy/bare: \d+\.\d\d", out), out
+    out = _bench("pull.py", "--concurrency", "3", "--requests", "12", "--runs", "2")
+    assert len(re.findall(r"^bare\s+12 ok\s+0 failed", out, re.M)) == 2, out
+    assert len(re.findall(r"^proxy\s+12 ok\s+0 failed", out, re.M)) == 2, out
+    assert len(re.findall(r"^\s+CPU per request: bare server \d+\.\d{3} ms;", out, re.M)) == 2, out
+    assert len(re.findall(r"^\s+CPU per request: armsproxy \d+\.\d{3} ms, demo RS \d+\.\d{3} ms",
+                          out, re.M)) == 2, out
+    assert re.search(r"ratio proxy/bare \(requests/s\): \d+\.\d\d", out), out
+    # Both servers made the same handshake (the same certificates).
+    assert re.search(r"^handshake: bare (.+); proxy \1 \(same\)$", out, re.M), out
+    assert re.search(r"CPU per request, median of 2 run\(s\): armsproxy \d+\.\d{3} ms, "
+                     r"bare server \d+\.\d{3} ms; demo RS \d+\.\d{3} ms", out), out
+    assert re.search(r"^cpu_ratio=\d+\.\d\d\Z", out.strip(), re.M), out
 
 
 @pytest.mark.timeout(300)
 def test_push_bench():
-    out = _bench("push.py", "-k", "3", "-m", "12", "--mix")
-    assert re.search(r"^armsproxy\s+12 ok\s+0 failed", out, re.M), out
+    out = _bench("push.py", "-k", "3", "-m", "12", "--mix", "--runs", "2")
+    assert len(re.findall(r"^armsproxy\s+12 ok\s+0 failed", out, re.M)) == 2, out
+    assert len(re.findall(r"^baseline\s+12 ok\s+0 failed", out, re.M)) == 2, out
+    assert len(re.findall(r"^\s+CPU per push: armsproxy \d+\.\d{3} ms, demo RS \d+\.\d{3} ms",
+                          out, re.M)) == 2, out
+    assert len(re.findall(r"^\s+CPU per request: baseline client \d+\.\d{3} ms", out,
+                          re.M)) == 2, out
     assert re.search(r"ratio armsproxy/baseline: \d+\.\d\d", out), out
+    assert re.search(r"CPU per operation, median of 2 run\(s\): armsproxy \d+\.\d{3} ms per "
+                     r"push, baseline client \d+\.\d{3} ms per request", out), out
+    assert re.search(r"^cpu_ratio=\d+\.\d\d\Z", out.strip(), re.M), out
 
 
 @pytest.mark.timeout(300)
@@ -77,8 +93,14 @@ def test_tls_memory_bench():
 @pytest.mark.timeout(300)
 def test_tunnels_bench():
     out = _bench("tunnels.py", "-n", "10", "-m", "20", "--warm", "2", "--idle", "0",
-                 "--clients", "1", "--rate", "50")
+                 "--clients", "1", "--rate", "50", "--runs", "2")
     assert "tunnels: 10 confirmed (0 failed)" in out, out
-    assert "20 submitted, 20 succeeded" in out, out
+    assert out.count("20 submitted, 20 succeeded") == 2, out
     assert "'lost': 0, 'unexpected': 0" in out, out
-    assert re.search(r"SUMMARY tunnels=10 rss/tunnel=[\d.]+ KiB .* p99=[\d.]+ ms", out), out
+    # Every operation's RS event delivered within the measured window.
+    assert re.search(r"events delivered to the RS [1-9]\d* \([\d.]+ per operation\)", out), out
+    assert re.search(r"per idle tunnel: -?[\d.]+ KiB in all \(VmRSS\) = Python objects "
+                     r"[\d.]+ KiB \(tracemalloc\) \+ OpenSSL and the rest -?[\d.]+ KiB", out), out
+    assert re.search(r"SUMMARY tunnels=10 rss/tunnel=-?[\d.]+ KiB .* p99=[\d.]+ ms", out), out
+    assert re.search(r"\ncpu_ms_per_op=\d+\.\d{3} kib_per_idle_tunnel=-?\d+\.\d\Z",
+                     out.strip()), out

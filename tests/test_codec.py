@@ -6,7 +6,13 @@ import pytest
 from lxml import etree
 
 from armsproxy.arms import codes, guard
-from armsproxy.arms.codec import MessageError, UnsafeMessageError, parse_message, serialise
+from armsproxy.arms.codec import (
+    MessageError,
+    UnsafeMessageError,
+    parse_element,
+    parse_message,
+    serialise,
+)
 from armsproxy.arms.distid import DistributionId, DistributionIdError, is_distid
 from armsproxy.arms.messages import (
     ArmsRequest,
@@ -97,6 +103,38 @@ def test_other_encodings_and_too_many_nodes_are_refused(data, reason):
     with pytest.raises(MessageError) as err:
         parse_message(data)
     assert err.value.reason == reason
+
+
+def test_the_reused_parsers_recover_from_every_refusal():
+    """The thread's parsers are made once: a document refused half-way (a limit, bad XML)
+    leaves nothing behind for the next one, on either path (small documents parsed whole,
+    bigger ones counted)."""
+    deep = b"<arms-message>" + b"<a>" * 40 + b"</a>" * 40 + b"</arms-message>"
+    many = GOOD.replace(b"<trigger>", b"<trigger>" + b"<a/>" * 4100)
+    big_good = _request("<description>" + "x" * 9000 + "</description>"
+                        "<config-solicitation-request><protocol-version>4.0</protocol-version>"
+                        "<trigger>power on boot</trigger></config-solicitation-request>")
+    cut = big_good[:-40]
+    for bad, reason in ((deep, "too-deep"), (many, "too-many-elements"),
+                        (b"<arms-message><a>", "invalid-xml"), (cut, "invalid-xml"),
+                        (GOOD[:-20], "invalid-xml")):
+        with pytest.raises(MessageError) as caught:
+            parse_message(bad)
+        assert caught.value.reason == reason
+        for good in (GOOD, big_good):
+            assert parse_message(good).body.trigger == "power on boot"
+        assert len(parse_element(b"<arms-message>" + b"<a/>" * 30 + b"</arms-message>")) == 30
+
+
+def test_both_parse_paths_build_the_same_tree():
+    from armsproxy.arms import codec
+
+    whole = codec._parse_whole(GOOD)
+    counted = codec._parse_counted(GOOD, max_depth=16, max_elements=4096, max_attributes=4096)
+    assert etree.tostring(whole) == etree.tostring(counted)
+    # A limit below what the counts allow takes the counted path and still refuses.
+    with pytest.raises(MessageError, match="too-deep"):
+        codec.parse_element(GOOD, max_depth=3)
 
 
 def test_declared_ascii_and_utf8_are_taken_and_references_kept_unless_asked():

@@ -12,6 +12,7 @@ import os
 import re
 import resource
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -22,8 +23,9 @@ import pytest
 import pytest_twisted
 from conftest import http_get
 from prometheus_client.parser import text_string_to_metric_families
-from twisted.internet import reactor, task
+from twisted.internet import reactor, task, threads
 from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.protocol import Factory, Protocol
 from twisted.web.resource import Resource
 
 from armsproxy import limits
@@ -34,12 +36,14 @@ from armsproxy.limits import (
     DescriptorBudget,
     ListenerLimit,
     RateLimitedLog,
+    limited,
     raise_descriptor_limit,
 )
 from armsproxy.management import ManagementResource, ManagementSite
 from armsproxy.metrics import listener_counts
 from armsproxy.rs_gate import make_rs_gate_site, rs_gate_service
 from armsproxy.tap import build_services
+from armsproxy.tls import TLSPolicy, tls_listener
 
 ROOT = Path(__file__).parent.parent
 DISTID = "0001-0002-0003-0004-0005-0006-0007-0008"
@@ -238,6 +242,50 @@ async def test_rs_gate_connections_over_its_cap_are_refused_at_accept(logs):
         for c in held + extra:
             c.close()
         await svc.stopService()
+
+
+class _Echo(Protocol):
+    """Answers each read with "ok" (the handshake is done once it has)."""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.transport.write(b"ok")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_tls_listener_counts_in_its_tls_factory_without_a_wrapper(gate_pki, tmp_path):
+    """The SA gate's listeners hold thousands of idle tunnels: the cap is counted by the TLS
+    factory (no ProtocolWrapper per connection), refused connections get no handshake, and
+    closed ones are counted down."""
+    limit = ListenerLimit("sa gate", 2, clock=reactor)
+    endpoint = limited(tls_listener(reactor, gate_pki.endpoint(0), TLSPolicy()), limit)
+    port = await endpoint.listen(Factory.forProtocol(_Echo))
+    ctx = ssl.create_default_context(cafile=None)
+    ctx.load_verify_locations(cadata=gate_pki.ca_pem.decode())
+
+    def talk() -> ssl.SSLSocket:
+        sock = ctx.wrap_socket(socket.create_connection(("127.0.0.1", port.getHost().port)),
+                               server_hostname="127.0.0.1")
+        sock.sendall(b"hi")
+        assert sock.recv(2) == b"ok"
+        return sock
+
+    held: list[ssl.SSLSocket] = []
+    try:
+        held = [await threads.deferToThread(talk) for _ in range(2)]
+        assert limit.open == 2
+        servers = [o for o in port.factory.protocols]
+        assert all(type(p.wrappedProtocol) is _Echo for p in servers)  # no wrapper between
+        refused = Client(port.getHost().port)
+        await _until(refused.closed, "the refusal")
+        assert refused.received == b"" and limit.refusals["max_connections"] == 1
+        refused.close()
+        held.pop().close()
+        await _until(lambda: limit.open == 1, "the close to be counted")
+    finally:
+        for sock in held:
+            sock.close()
+        await port.stopListening()
+    await _until(lambda: limit.open == 0, "every close to be counted")
 
 
 def _register(db: Path, pki_dir: Path) -> None:

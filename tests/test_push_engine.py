@@ -878,3 +878,268 @@ def test_the_example_configuration_spells_out_the_orphan_bounds():
     assert (cfg.orphan_dones_max_per_sa, cfg.orphan_dones_ttl, cfg.orphan_done_max_bytes) == (
         defaults.orphan_dones_max_per_sa, defaults.orphan_dones_ttl,
         defaults.orphan_done_max_bytes)
+
+
+# -- CPU per operation (issue #11): store calls, the SA record cache, pulls, log levels -----
+
+
+def sample(engine: PushEngine, name: str, **labels: str) -> float:
+    value = engine.metrics.registry.get_sample_value(name, labels)
+    return 0.0 if value is None else value
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_operation_costs_submit_claim_and_its_answer_and_no_registry_read(
+        store, sa, clock):
+    await registered(store)
+    engine = make_engine(store, sa, clock)
+    order = {"distribution_id": DISTID, "operation": "read-module-list"}
+    sa.script += [answer_from("18-read-module-list.response.txt")] * 2
+    await engine.submit(order)
+    await settle(engine, clock)  # the first dispatch reads the SA's record once
+    assert engine.sa_records.reads == 1
+    calls: list[str] = []
+    store.db_hook = calls.append
+    op, _ = await engine.submit(order)
+    await settle(engine, clock)
+    store.db_hook = None
+    done = await store.get(op.operation_id)
+    assert (done.state, done.attempts) == ("succeeded", 1)
+    # Claimed (picked and sent in one call), answered (one transition): no sa_get, no
+    # queued -> sending transition of its own, no re-read.
+    assert calls.count("submit") == calls.count("transition") == 1, calls
+    assert "claim_dispatchable" in calls and "sa_get" not in calls, calls
+    assert set(calls) == {"submit", "claim_dispatchable", "transition"}, calls
+    assert engine.sa_records.reads == 1 and sa.calls[1]["pin"] == "PEM"
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_expired_head_leaves_sending_untried(store, sa, clock):
+    await registered(store)
+    engine = make_engine(store, sa, clock, deadline_scan_every=3600)
+    op, _ = await engine.submit({"distribution_id": DISTID, "operation": "reboot",
+                                 "expires_in": 10})
+    clock.advance(11)  # no deadline scan ran: the claim finds it late
+    await settle(engine, clock)
+    expired = await store.get(op.operation_id)
+    assert (expired.state, expired.attempts, expired.waiting_for) == ("expired", 0, None)
+    assert expired.last_error == "the order's deadline passed before dispatch"
+    assert sa.calls == [] and [e.kind for e in await store.pending_events(10)] == [
+        "operation.expired"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_registry_changes_reach_the_next_dispatch_without_a_registry_read(
+        store, sa, clock):
+    """Every registry write goes through the engine's cache: a new endpoint, a confirmation
+    that fails, a tunnel, are seen by the next dispatch, which reads no registry."""
+    registry = TunnelRegistry()
+    engine = await running(PushEngine(
+        store=store, client=sa, keys=Keys(), clock=clock,
+        settings=PushSettings(result_url=RESULT_URL), tunnels=registry), clock)
+    calls: list[str] = []
+    store.db_hook = calls.append
+    order = {"distribution_id": DISTID, "operation": "read-module-list"}
+    try:
+        engine.config_relayed(DISTID, "PEM", "192.0.2.7:4000")  # its first pull
+        confirms(engine, sa)  # https-simple at ENDPOINT
+        await settle(engine, clock)
+        sa.script.append(answer_from("18-read-module-list.response.txt"))
+        await engine.submit(order)
+        await settle(engine, clock)
+        assert (sa.calls[-1]["url"], sa.calls[-1]["pin"]) == (ENDPOINT, "PEM")
+        # It confirms again, elsewhere: the next order goes there.
+        confirms(engine, sa, endpoint="https://127.0.0.1:18451/")
+        await settle(engine, clock)
+        sa.script.append(answer_from("18-read-module-list.response.txt"))
+        await engine.submit(order)
+        await settle(engine, clock)
+        assert sa.calls[-1]["url"] == "https://127.0.0.1:18451/"
+        # A confirmation that fails: the next order waits, untried.
+        engine.settings.confirmation_window = 0.0
+        engine.confirmation_started(DISTID, "https-simple", ENDPOINT, 11, "192.0.2.7:4001")
+        await settle(engine, clock)
+        waiting, _ = await engine.submit(order)
+        await settle(engine, clock)
+        assert (await store.get(waiting.operation_id)).waiting_for == WAIT_CONFIRMATION
+        # A tunnel comes up: the waiting order goes over it at once; it goes down: the
+        # next order waits for a tunnel (the record now says https-tunnel).
+        tunnel = _LiveTunnel("18-read-module-list.response.txt")
+        registry.register(tunnel)
+        engine.tunnel_up(tunnel)
+        await settle(engine, clock)
+        assert (await store.get(waiting.operation_id)).state == "succeeded"
+        registry.release(tunnel)
+        tunnel.closed = True
+        engine.tunnel_down(tunnel, "zero-size chunk")
+        await settle(engine, clock)
+        last, _ = await engine.submit(order)
+        await settle(engine, clock)
+        assert (await store.get(last.operation_id)).waiting_for == WAIT_TUNNEL
+        assert len(sa.calls) == 4 and len(tunnel.requests) == 1  # 2 confirmations, 2 pushes
+    finally:
+        await engine.stopService()
+    # The first write made the record known: the store was read only to confirm, after
+    # each of the two parks, that the SA was still unreachable (another proxy sharing the
+    # store might have seen it confirm).
+    assert calls.count("sa_get") == engine.sa_records.reads == 2, calls
+
+
+@pytest_twisted.ensureDeferred
+async def test_pulls_write_the_registry_only_when_something_changed(store, sa, clock):
+    engine = make_engine(store, sa, clock, pull_record_interval=60)
+    calls: list[str] = []
+    store.db_hook = calls.append
+
+    async def pull(certificate, peer):
+        engine.config_relayed(DISTID, certificate, peer)
+        await settle(engine, clock)
+        return await store.sa_get(DISTID)
+
+    clock.advance(1000)
+    record = await pull("PEM-1", "192.0.2.7:4000")
+    assert (record.last_pull_at, record.last_peer, record.sa_certificate) == (
+        1000, "192.0.2.7:4000", "PEM-1")
+    clock.advance(59)  # within the interval: same host (a new port), same or no certificate
+    assert await pull("PEM-1", "192.0.2.7:4001") == record
+    assert await pull(None, "192.0.2.7:4002") == record
+    assert calls.count("sa_update") == 1
+    record = await pull("PEM-2", "192.0.2.7:4003")  # a new certificate: at once
+    assert (record.last_pull_at, record.sa_certificate) == (1059, "PEM-2")
+    record = await pull("PEM-2", "198.51.100.1:5000")  # another host: at once
+    assert (record.last_pull_at, record.last_peer) == (1059, "198.51.100.1:5000")
+    assert calls.count("sa_update") == 3
+    clock.advance(59)
+    assert (await pull("PEM-2", "198.51.100.1:5001")).last_pull_at == 1059
+    clock.advance(1)  # recorded 60 s ago: written again
+    assert (await pull("PEM-2", "198.51.100.1:5002")).last_pull_at == 1119
+    assert calls.count("sa_update") == 4
+    # A process that has not seen the SA yet writes its first pull.
+    fresh = make_engine(store, sa, clock)
+    fresh.config_relayed(DISTID, "PEM-2", "198.51.100.1:5003")
+    await settle(fresh, clock)
+    assert calls.count("sa_update") == 5
+    assert engine.sa_records.reads == fresh.sa_records.reads == 0  # pulls read nothing
+
+
+@pytest_twisted.ensureDeferred
+async def test_per_operation_lines_are_debug_and_counted_failures_warn(
+        store, sa, clock, logs):
+    await registered(store)
+    engine = make_engine(store, sa, clock, max_attempts=2, retry_base=1, retry_cap=1)
+    sa.script += [answer_from("18-read-module-list.response.txt"),
+                  PushUnreachable("connection refused"), PushUnreachable("connection refused")]
+    ok, _ = await engine.submit({"distribution_id": DISTID, "operation": "read-module-list",
+                                 "request_id": "r-1"})
+    await engine.submit({"distribution_id": DISTID, "operation": "read-module-list",
+                         "request_id": "r-1"})  # a repeat
+    await settle(engine, clock)
+    bad, _ = await engine.submit({"distribution_id": DISTID, "operation": "check-transaction"})
+    await settle(engine, clock)
+    await settle(engine, clock, seconds=2)
+    parked, _ = await engine.submit({"distribution_id": OTHER, "operation": "reboot"})
+    await settle(engine, clock)
+    assert logs.find("push:", ok.operation_id, "succeeded", level="debug")
+    assert logs.find("push:", bad.operation_id, "retry in", level="debug")
+    assert logs.find("push:", parked.operation_id, "waits for", level="debug")
+    assert logs.find("push:", bad.operation_id, "gave up after 2 attempts", level="warn")
+    for op in (ok, bad, parked):  # nothing per operation at info
+        assert not logs.find(op.operation_id, level="info"), logs.lines("info")
+    # What those lines said, counted.
+    assert sample(engine, "armsproxy_push_submitted_total", operation="read-module-list",
+                  outcome="accepted") == 1
+    assert sample(engine, "armsproxy_push_submitted_total", operation="read-module-list",
+                  outcome="repeated") == 1
+    assert sample(engine, "armsproxy_push_requeued_total", operation="check-transaction",
+                  reason="retry") == 1
+    assert sample(engine, "armsproxy_push_requeued_total", operation="reboot",
+                  reason="waiting") == 1
+    assert sample(engine, "armsproxy_push_operations_total", operation="read-module-list",
+                  outcome="succeeded", result="1xx") == 1
+    assert sample(engine, "armsproxy_push_operations_total", operation="check-transaction",
+                  outcome="failed", result="none") == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_done_being_stored_is_answered_before_the_next_tunnel_request(
+        store, sa, clock):
+    """The SA's done-request and armsproxy's next request share the tunnel: the answer to
+    the done goes first (a configure would otherwise drop the tunnel with it unread)."""
+    registry = TunnelRegistry()
+    engine = PushEngine(store=store, client=sa, keys=Keys(), clock=clock,
+                        settings=PushSettings(result_url=RESULT_URL), tunnels=registry)
+    tunnel = _LiveTunnel("18-read-module-list.response.txt")
+    answered: list[int] = []
+    seen_at_request: list[list[int]] = []
+    request = tunnel.request
+
+    async def recording(xml, *, timeout):
+        seen_at_request.append(list(answered))
+        return await request(xml, timeout=timeout)
+
+    tunnel.request = recording
+    registry.register(tunnel)
+    engine.tunnel_up(tunnel)  # the SA's record is known: dispatch makes no store read
+    await settle(engine, clock)
+    op, _ = await engine.submit({"distribution_id": DISTID, "operation": "read-module-list"})
+    message, xml = done_from("14-ping-done.request.txt")  # for a transaction not started here
+    message.distribution_id = DISTID
+    done = defer.ensureDeferred(engine.done_request(message, xml, "p"))
+    done.addCallback(answered.append)  # the gate writes the answer here
+    pumping = defer.ensureDeferred(engine._pump())  # claims while the done is being stored
+    from twisted.internet import reactor
+
+    for _ in range(500):
+        if seen_at_request:
+            break
+        clock.advance(0)  # the engine's reactor turn after the answer
+        await task.deferLater(reactor, 0.005, lambda: None)
+    await pumping
+    await settle(engine, clock)
+    assert seen_at_request == [[100]]  # the request saw the answer already written
+    assert (await store.get(op.operation_id)).state == "succeeded"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stop_before_the_request_went_out_gives_the_claim_back(store, sa, clock):
+    """Claimed, not sent yet (here: the RS is slow to give the key): stopping puts it back in
+    its queue untried, instead of leaving it `sending` for the next start to fail."""
+    await registered(store)
+
+    class SlowKeys:
+        asked = 0
+
+        async def sa_key(self, distid):
+            SlowKeys.asked += 1
+            await defer.Deferred()  # never answers: cancelled by the stop
+
+    engine = PushEngine(store=store, client=sa, keys=SlowKeys(), clock=clock,
+                        settings=PushSettings(result_url=RESULT_URL))
+    engine.startService()
+    op, _ = await engine.submit({"distribution_id": DISTID, "operation": "reboot"})
+    await until(lambda: SlowKeys.asked == 1)
+    assert (await store.get(op.operation_id)).state == "sending"
+    await engine.stopService()
+    back = await store.get(op.operation_id)
+    assert (back.state, back.attempts, back.waiting_for) == ("queued", 0, None)
+    assert sa.calls == [] and await store.pending_events(10) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_confirmation_seen_by_another_proxy_releases_the_order_here(store, sa, clock):
+    """Two engines on one store (proxies sharing a database): B sees the SA confirm and
+    releases its waiting order; A, whose copy of the record still says unconfirmed, claims
+    it, reads the store before letting it wait again, and sends it."""
+    here = make_engine(store, sa, clock)
+    there = make_engine(store, sa, clock)
+    op, _ = await here.submit({"distribution_id": DISTID, "operation": "read-module-list"})
+    await settle(here, clock)
+    assert (await store.get(op.operation_id)).waiting_for == WAIT_CONFIRMATION
+    confirms(there, sa)
+    await settle(there, clock)
+    assert (await store.get(op.operation_id)).waiting_for is None  # released by B
+    sa.script.append(answer_from("18-read-module-list.response.txt"))
+    await settle(here, clock, steps=3)  # parked again on its stale copy, then re-read
+    done = await store.get(op.operation_id)
+    assert (done.state, done.attempts) == ("succeeded", 1)
+    assert sa.calls[-1]["url"] == ENDPOINT

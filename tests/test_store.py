@@ -32,6 +32,7 @@ from armsproxy.store.migrations import SCHEMA_VERSION, migrate
 
 SA_A = "0001-0000-1A2B-0105-0000-0000-0000-000A"
 SA_B = "0001-0000-1A2B-0105-0000-0000-0000-000B"
+SA_C = "0001-0000-1A2B-0105-0000-0000-0000-000C"
 T0 = 1_000_000.0
 
 
@@ -346,6 +347,234 @@ async def test_a_waiting_head_holds_its_sa_until_released(store, clock):
     assert await store.waiting() == []
 
 
+# -- claim: the dispatch pick and queued -> sending in one commit (issue #11) ---------------
+
+
+async def _queue(store, clock, *names):
+    """Submit one order per name (first letter: SA a/b/c), a second apart; name -> id."""
+    sas = {"a": SA_A, "b": SA_B, "c": SA_C}
+    ids = {}
+    for name in names:
+        op, _ = await store.submit(new_op(sas[name[0]]))
+        ids[name] = op.operation_id
+        clock.advance(1)
+    return ids
+
+
+@pytest_twisted.ensureDeferred
+async def test_claim_takes_the_heads_next_dispatchable_picks_and_sends_them(store, clock):
+    ids = await _queue(store, clock, "a1", "b1", "a2", "c1")
+    await store.update(ids["c1"], {"not_before": clock.seconds() + 30})  # not due yet
+    now = clock.seconds()
+    picked = [op.operation_id for op in await store.next_dispatchable(now, 10)]
+    calls = []
+    store.db_hook = calls.append
+    claimed = await store.claim_dispatchable(now, 10)
+    assert calls == ["claim_dispatchable"]  # one store call, one commit
+    assert [op.operation_id for op in claimed] == picked == [ids["a1"], ids["b1"]]
+    for op in claimed:
+        assert (op.state, op.attempts, op.updated_at, op.waiting_for) == ("sending", 1, now,
+                                                                           None)
+        assert op.not_before == op.created_at  # unchanged
+        assert await store.get(op.operation_id) == op  # as stored
+    assert await store.backlog() == {"queued": 2, "sending": 2, "started": 0, "events": 0}
+    # Both SAs are sending now: nothing of theirs is picked, and c1 is not due.
+    assert await store.claim_dispatchable(now, 10) == []
+    assert await store.next_dispatchable(now, 10) == []
+    # A claimed order is the claimer's: it cannot be cancelled under it.
+    assert await store.transition(ids["a1"], expect=["queued"], state="cancelled") is None
+    # Handed back (e.g. its SA is not reachable): attempts restored, the head waits.
+    back = await store.transition(ids["a1"], expect=["sending"], state="queued",
+                                  changes={"attempts": 0, "waiting_for": "the SA"})
+    assert (back.state, back.attempts, back.waiting_for) == ("queued", 0, "the SA")
+    # SA A's head waits, SA B is sending: of the rest, only c1 (due by now).
+    assert [op.operation_id for op in await store.claim_dispatchable(now + 60, 10)] == [
+        ids["c1"]]
+
+
+@pytest_twisted.ensureDeferred
+async def test_claim_skips_busy_sas_and_counts_only_the_others(store, clock):
+    ids = await _queue(store, clock, "a1", "b1", "c1", "a2")
+    now = clock.seconds()
+    calls = []
+    store.db_hook = calls.append
+    assert await store.claim_dispatchable(now, 0, busy=[SA_B]) == []
+    assert calls == []  # nothing asked, nothing run
+    (only,) = await store.claim_dispatchable(now, 1, busy=[SA_A])
+    assert only.operation_id == ids["b1"]  # a1 skipped, and the limit counts b1
+    assert [op.operation_id for op in await store.claim_dispatchable(
+        now, 10, busy={SA_A, SA_B, "not an SA"})] == [ids["c1"]]
+    assert (await store.get(ids["a1"])).state == "queued"  # skipped, untouched
+    (a1,) = await store.claim_dispatchable(now, 10, busy=())
+    assert a1.operation_id == ids["a1"] and a1.attempts == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_instances_claim_with_their_id_and_take_over_what_the_dead_left(store, clock):
+    """#12: a claim records its instance; what an instance whose lease ran out left
+    `sending` is claimed by the one taking over, once, and its tunnels are released. (SQLite
+    has one process: every other instance is dead to it; here the other's lease ran out, so
+    both backends agree.)"""
+    now = clock.seconds()
+    assert not await store.register_instance("a", host="h", pid=1, now=now,
+                                             lease_until=now + 15)  # created
+    assert await store.register_instance("a", host="h", pid=1, now=now, lease_until=now + 15)
+    await store.register_instance("b", host="h", pid=2, now=now, lease_until=now + 60)
+    op, _ = await store.submit(new_op(SA_A))
+    behind, _ = await store.submit(new_op(SA_A))
+    (claimed,) = await store.claim_dispatchable(now, 10, instance_id="a")
+    assert claimed.claimed_by == "a" and (await store.get(op.operation_id)).claimed_by == "a"
+    assert (await store.sa_update(SA_A, tunnel_owner="a")).tunnel_owner == "a"
+    assert [o.operation_id for o in await store.take_over(None, now)] == [op.operation_id]
+    assert (await store.get(op.operation_id)).claimed_by == "a"  # None: nothing changes
+    (taken,) = await store.take_over("b", now + 16)
+    assert (taken.operation_id, taken.state, taken.claimed_by) == (op.operation_id, "sending",
+                                                                   "b")
+    assert (await store.get(behind.operation_id)).claimed_by is None  # queued: not taken
+    assert await store.take_over("b", now + 16) == []
+    assert (await store.sa_get(SA_A)).tunnel_owner is None
+    # A tunnel is released only by the instance that holds it.
+    await store.sa_update(SA_B, tunnel_owner="b")
+    assert (await store.sa_update(SA_B, confirmed=True, release_tunnel="a")).tunnel_owner == "b"
+    assert (await store.sa_update(SA_B, release_tunnel="b")).tunnel_owner is None
+    await store.sa_update(SA_B, tunnel_owner="b")
+    await store.retire_instance("b")
+    assert (await store.sa_get(SA_B)).tunnel_owner is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_concurrent_claims_never_return_the_same_operation(store, clock):
+    # Two stores on one file (a second process would be the same), each claiming in turns.
+    other = SQLiteStore(store.path, reactor=reactor, clock=clock)
+    await other.open()
+    try:
+        sas = [f"0001-0000-1A2B-0105-0000-0000-0001-{i:04X}" for i in range(30)]
+        for sa in sas:
+            for _ in range(3):
+                await store.submit(new_op(sa))
+        now = clock.seconds()
+        claimed = []
+        for _ in range(3):  # each round: every SA's head, once, then it is sent and done
+            calls = [defer.ensureDeferred(s.claim_dispatchable(now, 7))
+                     for _ in range(6) for s in (store, other)]
+            got = [op for ops in await defer.gatherResults(calls) for op in ops]
+            ids = [op.operation_id for op in got]
+            assert len(ids) == len(set(ids)) == len(sas)
+            assert {op.distribution_id for op in got} == set(sas)  # one per SA
+            claimed += ids
+            for op in got:
+                await store.transition(op.operation_id, expect=["sending"], state="succeeded")
+    finally:
+        await other.close()
+    assert len(claimed) == len(set(claimed)) == 90
+    assert count(store.path, "SELECT COUNT(*) FROM operations WHERE attempts != 1") == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_waiting_or_late_head_is_not_claimed(store, clock):
+    ids = await _queue(store, clock, "a1", "a2", "b1")
+    now = clock.seconds()
+    await store.update(ids["a1"], {"waiting_for": "the SA to confirm"})
+    await store.update(ids["b1"], {"not_before": now + 10})
+    assert await store.claim_dispatchable(now, 10) == []  # a2 never overtakes a1
+    (b1,) = await store.claim_dispatchable(now + 10, 10)
+    assert b1.operation_id == ids["b1"] and b1.not_before == now + 10
+
+
+# -- changes come back from the statement that made them ------------------------------------
+
+
+def _statements(store):
+    """The SQL statements the store runs from now on (``stop()`` ends the trace)."""
+    seen = []
+
+    async def start():
+        await store._run("trace", lambda c: c.set_trace_callback(seen.append))
+
+    async def stop():
+        await store._run("trace", lambda c: c.set_trace_callback(None))
+        return [s for s in seen if not s.lstrip().startswith("--")]  # not trigger bodies
+
+    return start, stop
+
+
+async def _life(store, clock, operation_id):
+    """Claim, start (result, raw with bytes, an event), update, succeed (second raw): each
+    call's return value, each followed by nothing (the caller compares or traces)."""
+    clock.advance(1)
+    (claimed,) = await store.claim_dispatchable(clock.seconds(), 5)
+    yield claimed
+    clock.advance(1)
+    yield await store.transition(
+        operation_id, expect=["sending"], state="started",
+        changes={"sa_transaction_id": 9, "result": {"x": b"\xff"}, "done_deadline": T0 + 50},
+        raw={"kind": "start", "at": 1.5, "request": "<a/>", "bytes": b"\x02"},
+        events=[ev("operation.started")])
+    yield await store.update(operation_id, {"last_error": "still waiting"})
+    clock.advance(1)
+    yield await store.transition(operation_id, expect=["started"], state="succeeded",
+                                 raw={"kind": "done", "at": 2.5, "request": "<d/>"})
+
+
+@pytest_twisted.ensureDeferred
+async def test_transitions_return_the_row_as_get_gives_it(store, clock):
+    op, _ = await store.submit(new_op(params={"b": b"\x00\x01"}, expires_at=T0 + 99))
+    assert op == await store.get(op.operation_id)
+    states = []
+    async for returned in _life(store, clock, op.operation_id):
+        assert returned == await store.get(op.operation_id)
+        states.append((returned.state, returned.attempts, len(returned.raw)))
+    assert states == [("sending", 1, 0), ("started", 1, 1), ("started", 1, 1),
+                      ("succeeded", 1, 2)]
+    final = await store.get(op.operation_id)
+    assert [e["kind"] for e in final.raw] == ["start", "done"]
+    assert final.raw[0]["bytes"] == b"\x02" and final.result == {"x": b"\xff"}
+    assert final.params == {"b": b"\x00\x01"} and final.last_error == "still waiting"
+
+
+@pytest_twisted.ensureDeferred
+async def test_changes_are_not_read_back(store, clock):
+    op, _ = await store.submit(new_op())
+    start, stop = _statements(store)
+    await start()
+    async for _ in _life(store, clock, op.operation_id):
+        pass
+    statements = await stop()
+    # Each change is one UPDATE ... RETURNING; only the raw entries are read (as JSON).
+    reads = [s for s in statements if s.lstrip().upper().startswith("SELECT")]
+    assert all("FROM operation_raw" in s or "FROM sa_queues" in s for s in reads), reads
+    # (A statement shows once more per trigger it fires: SQLite traces each sub-program.)
+    updates = {s for s in statements if s.lstrip().startswith("UPDATE operations")}
+    assert len(updates) == 4 and all("RETURNING" in s for s in updates), updates
+
+
+@pytest_twisted.ensureDeferred
+async def test_submit_returns_the_inserted_row_without_reading_it(store):
+    start, stop = _statements(store)
+    await start()
+    op, created = await store.submit(new_op(request_id="r", params={"k": [1, "x"]}))
+    again, created_again = await store.submit(new_op(request_id="r"))
+    statements = await stop()
+    assert created and not created_again and op == again == await store.get(op.operation_id)
+    inserts = {s for s in statements if s.lstrip().startswith("INSERT INTO operations")}
+    reads = [s for s in statements if s.lstrip().startswith("SELECT")]
+    assert len(inserts) == 2 and all("RETURNING" in s for s in inserts)
+    from_operations = [s for s in reads if "FROM operations" in s]
+    assert len(from_operations) == 1 and "request_id =" in from_operations[0]  # the repeat
+
+
+def test_raw_entries_decode_once_and_compare_as_a_list():
+    from armsproxy.store.model import RawEntries, dump_json
+
+    raw = RawEntries([dump_json({"kind": "start", "b": b"\x01"}), dump_json({"kind": "done"})])
+    assert len(raw) == 2 and raw._texts is not None  # nothing decoded yet
+    assert raw == [{"kind": "start", "b": b"\x01"}, {"kind": "done"}] == raw
+    assert raw[1] == {"kind": "done"} and [e["kind"] for e in raw] == ["start", "done"]
+    assert raw._texts is None and raw[0] is raw[0]  # decoded once
+    assert RawEntries() == [] and RawEntries() != [{}] and raw != "not a list"
+    assert repr(RawEntries([dump_json({"a": 1})])) == "[{'a': 1}]"
+
+
 @pytest_twisted.ensureDeferred
 async def test_past_deadline_returns_only_what_is_due(store, clock):
     now = clock.seconds()
@@ -525,6 +754,17 @@ async def test_hot_queries_read_only_what_they_return(store, clock):
     dispatch = await plans(lambda: store.next_dispatchable(now, 200))
     assert "SEARCH q USING INDEX sa_queues_ready (not_before<?)" in dispatch
     assert "SEARCH op USING INTEGER PRIMARY KEY (rowid=?)" in dispatch
+    # The claim: the same pick (busy SAs looked up in a list built once), then the claimed
+    # rows by primary key.
+    claim = await plans(lambda: store.claim_dispatchable(now, 200, busy=[SA_C]))
+    assert "SEARCH q USING INDEX sa_queues_ready (not_before<?)" in claim
+    assert "SEARCH operations USING INTEGER PRIMARY KEY (rowid=?)" in claim, claim
+    assert "operations_state" not in claim, claim  # never every queued row
+    # A transition: the operation by its id, whatever the states expected.
+    change = await plans(lambda: store.transition(op.operation_id, expect=["started", "queued"],
+                                                  state="started", changes={"attempts": 2}))
+    assert "sqlite_autoindex_operations_1 (operation_id=?)" in change, change
+    assert "operations_state" not in change, change
     due = await plans(lambda: store.past_deadline(now))
     assert "USING INDEX operations_queued_expires (expires_at<?)" in due
     assert "USING INDEX operations_started_done (done_deadline<?)" in due
@@ -870,9 +1110,9 @@ async def test_old_schema_is_migrated_and_keeps_data(tmp_path, clock):
         await s.close()
     conn = sqlite3.connect(path)
     try:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 6
         columns = {r[1] for r in conn.execute("PRAGMA table_info(operations)")}
-        assert {"done_deadline", "waiting_for"} <= columns
+        assert {"done_deadline", "waiting_for", "claimed_by"} <= columns
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     finally:
         conn.close()
@@ -975,6 +1215,7 @@ async def test_no_store_call_runs_on_the_reactor_thread(store):
     await store.transition(op.operation_id, expect=["queued"], state="sending")
     await store.update(op.operation_id, {"attempts": 1})
     await store.next_dispatchable(T0, 10)
+    await store.claim_dispatchable(T0, 10, busy=[SA_B])
     await store.in_states(["sending"])
     await store.past_deadline(T0)
     await store.waiting()
@@ -993,8 +1234,17 @@ async def test_no_store_call_runs_on_the_reactor_thread(store):
     await store.add_orphan_done(SA_A, 1, "ping-done", "<x/>", T0)
     await store.take_orphan_dones(SA_A, 1)
     await store.purge_orphan_dones(T0)
+    await store.claim_dispatchable(T0, 10, instance_id="i1")
+    await store.register_instance("i1", host="h", pid=1, now=T0, lease_until=T0 + 15)
+    await store.take_over("i1", T0)
+    await store.retire_instance("i1")
+    # One process: these have nothing to do in the database.
+    assert await store.lead()
+    await store.resign()
+    await store.announce("ops")
+    await store.listen(lambda topic: None)
     methods = {n for n, m in vars(Store).items() if callable(m) and not n.startswith("_")}
-    public = methods - {"open", "close"}
+    public = methods - {"open", "close", "lead", "resign", "announce", "listen"}
     assert {name for name, _, _ in seen} == public
     assert not any(in_io for _, _, in_io in seen)
     idents = {ident for _, ident, _ in seen}

@@ -797,6 +797,119 @@ async def test_request_timeout_closes_the_tunnel(env_factory):
 
 
 @pytest_twisted.ensureDeferred
+async def test_answered_request_deadline_and_echo_watchdog_share_one_timer(env_factory):
+    """The request's deadline and the echo watchdog are one deadline entry of the tunnel: an
+    answered request's deadline passes harmlessly, the watchdog still counts from the last
+    echo-request, and a request in flight times out even when the watchdog is later."""
+    env = await env_factory()
+    client, server = await env.confirmed()
+    session = server.session
+    base = len(server.writes)
+    pending = defer.ensureDeferred(
+        session.request(body_of("08-check-transaction.request.txt"), timeout=5))
+    await until(lambda: len(server.writes) == base + 1)
+    client.send(vector("08-check-transaction.response.txt"))
+    assert (await pending).response.result_code == 100
+    env.clock.advance(6)  # past the answered request's deadline
+    assert session.confirmed
+    client.send(vector("09-tunnel-echo.request.txt"))
+    await until(lambda: server.writes[-1] == ECHO_RESPONSE)
+    env.clock.advance(WATCHDOG - 0.5)
+    assert session.confirmed
+    late = defer.ensureDeferred(
+        session.request(body_of("08-check-transaction.request.txt"), timeout=0.25))
+    env.clock.advance(0.25)  # its own deadline, before the watchdog's
+    with pytest.raises(TunnelTimeout):
+        await late
+    assert "request timeout" in session.close_reason
+    assert len(env.clock.getDelayedCalls()) == 1  # every tunnel of the registry: one timer
+
+
+@pytest_twisted.ensureDeferred
+async def test_schema_invalid_answer_is_parsed_once(env_factory, monkeypatch):
+    """An answer outside the schema that the model reads is taken, with the problem said, from
+    one parse (it used to be parsed strictly, then again leniently)."""
+    from armsproxy.tunnel import session as session_module
+
+    env = await env_factory()
+    client, server = await env.confirmed()
+    parses = []
+    real = session_module.parse_element
+    monkeypatch.setattr(session_module, "parse_element",
+                        lambda *a, **k: parses.append(1) or real(*a, **k))
+    pending = defer.ensureDeferred(
+        server.session.request(body_of("08-check-transaction.request.txt"), timeout=30))
+    await until(lambda: len(server.writes) == 4)
+    odd = body_of("08-check-transaction.response.txt").replace(
+        b"</result-code>", b"</result-code><bogus>1</bogus>")
+    client.send(chunk(odd))
+    answer = await pending
+    assert answer.response.result_code == 100 and answer.body == odd
+    assert answer.problem.startswith("schema: ") and "bogus" in answer.problem
+    assert parses == [1]
+
+
+@pytest.mark.parametrize("case", ["valid", "unknown element", "missing body", "bad integer",
+                                  "wrong body for type", "request"])
+def test_one_parse_reads_as_strict_then_lenient_did(case):
+    """session._decode on one parsed tree == codec.parse_message strict, then lenient on a
+    schema failure (what the session did before, parsing twice)."""
+    from armsproxy.arms.codec import MessageError, parse_element, parse_message
+    from armsproxy.tunnel.session import _decode
+
+    answer = body_of("20-read-module-list.response.txt")
+    body = {
+        "valid": answer,
+        "unknown element": answer.replace(b"</result-code>", b"</result-code><x/>"),
+        "missing body": re.sub(rb"<read-module-list-response>.*</read-module-list-response>",
+                               b"", answer, flags=re.S),
+        "bad integer": answer.replace(b"<result-code>100<", b"<result-code>1x0<"),
+        "wrong body for type": answer.replace(b'type="read-module-list"',
+                                              b'type="check-transaction"'),
+        "request": body_of("16-ping-done.request.txt"),
+    }[case]
+
+    def twice() -> tuple[object, str | None]:
+        try:
+            return parse_message(body, ascii_text=True), None
+        except MessageError as e:
+            problem = str(e)
+        try:
+            return parse_message(body, validate=False, ascii_text=True), problem
+        except MessageError as e:
+            return None, str(e)
+
+    assert _decode(parse_element(body, ascii_text=True)) == twice()
+
+
+def test_close_grace_aborts_a_peer_that_never_completes_the_close(monkeypatch):
+    """After our zero chunk, a peer that never finishes the TLS close is aborted after
+    ``close_grace``: on the tunnel's one deadline entry, no timer of its own."""
+    monkeypatch.setattr(TunnelSession, "log", Logger(observer=lambda event: None))
+    clock = task.Clock()
+    transport = StringTransport()
+    registry = TunnelRegistry()
+    session = TunnelSession(transport, distid=DISTID, key=KEY, peer="127.0.0.1:40000",
+                            path="/arms-tunnel.cgi", hooks=LeanHooks(), registry=registry,
+                            clock=clock, echo_interval=60)
+    assert defer.ensureDeferred(session.open()).result is True
+    session.data_received(vector("05-push-confirmation-start.request.txt"))
+    session.data_received(vector("06-push-confirmation-done.response.txt"))
+    assert session.confirmed
+    aborted = []
+    transport.abortConnection = lambda: aborted.append(True)  # type: ignore[method-assign]
+    session.close("test")
+    assert transport.value().endswith(END_OF_STREAM) and transport.disconnecting
+    clock.advance(session.limits.close_grace - 0.5)
+    assert aborted == []
+    clock.advance(0.5)
+    assert aborted == [True]
+    clock.advance(200)  # the entries left behind come due and are dropped; nothing else runs
+    assert aborted == [True]
+    assert len(registry.deadlines(clock)) == 0 and clock.getDelayedCalls() == []
+
+
+@pytest_twisted.ensureDeferred
 async def test_cancelled_requests(env_factory):
     env = await env_factory()
     client, server = await env.confirmed()
@@ -1122,7 +1235,9 @@ def test_idle_tunnel_state_is_small(monkeypatch):
     grown = sum(stat.size_diff for stat in after.compare_to(before, "filename"))
     per_tunnel = grown / count
     assert registry.counts()["live"] == count + 1
-    assert len(clock.getDelayedCalls()) == count + 1  # one timer per tunnel, nothing else
+    # No DelayedCall per tunnel: one for all, and one deadline entry per tunnel.
+    assert len(clock.getDelayedCalls()) == 1
+    assert len(registry.deadlines(clock)) == count + 1
     assert all(s.queue_length == 0 for s in sessions)
     print(f"{per_tunnel:.0f} bytes of tunnel state per idle tunnel")
     assert per_tunnel < 4 * 1024, f"{per_tunnel:.0f} bytes per idle tunnel"

@@ -11,6 +11,7 @@ serialisation is ASCII with character references and every message passes ``guar
 from __future__ import annotations
 
 import re
+import threading
 
 from lxml import etree
 
@@ -85,6 +86,26 @@ def _check_encoding(data: bytes) -> None:
         )
 
 
+class _Parsers(threading.local):
+    """This thread's wire parsers, made once: a parser costs more to build than a small
+    message to parse, and an lxml parser is for one thread at a time."""
+
+    def __init__(self) -> None:
+        self.whole: etree.XMLParser = schema.safe_parser(**_WIRE_OPTIONS)
+        self.pull: etree.XMLPullParser | None = None
+
+
+_parsers = _Parsers()
+
+
+def _parse_whole(data: bytes) -> etree._Element:
+    """Parse a document that cannot exceed any limit (see :func:`parse_element`)."""
+    try:
+        return etree.fromstring(data, _parsers.whole)
+    except etree.XMLSyntaxError as e:
+        raise MessageError("invalid-xml", str(e)) from e
+
+
 def _parse_counted(
     data: bytes, *, max_depth: int, max_elements: int, max_attributes: int
 ) -> etree._Element:
@@ -92,8 +113,13 @@ def _parse_counted(
 
     The pull parser builds the same tree as ``etree.fromstring``, but a document over a
     limit costs the pieces read up to it, not a tree of a million nodes and a walk over it.
+    The thread's pull parser is reused after a document it read to the end; one left in the
+    middle of a document (an error) is dropped.
     """
-    parser = schema.safe_parser(events=_EVENTS, **_WIRE_OPTIONS)
+    parser = _parsers.pull
+    _parsers.pull = None  # taken: back only once it has read a document to its end
+    if parser is None:
+        parser = schema.safe_parser(events=_EVENTS, **_WIRE_OPTIONS)
     elements = attributes = depth = 0
     try:
         for offset in range(0, len(data), _FEED_BYTES):
@@ -120,6 +146,9 @@ def _parse_counted(
         root: etree._Element = parser.close()
     except etree.XMLSyntaxError as e:
         raise MessageError("invalid-xml", str(e)) from e
+    for _ in parser.read_events():  # none expected after close(); none for the next one
+        pass
+    _parsers.pull = parser
     return root
 
 
@@ -156,15 +185,25 @@ def parse_element(
         )
     if _FORBIDDEN_MARKUP.search(data):
         raise MessageError("forbidden-markup", "DTDs and entity declarations are not accepted")
-    if _CROWDED_TAG.search(data):
+    # Each attribute (namespace declarations too) costs an "=": the regular expression runs
+    # only where a start tag can hold too many.
+    equals = data.count(b"=")
+    if equals > MAX_ELEMENT_ATTRIBUTES and _CROWDED_TAG.search(data):
         raise MessageError(
             "too-many-attributes",
             f"an element with more than {MAX_ELEMENT_ATTRIBUTES} attributes or namespace "
             "declarations",
         )
-    root = _parse_counted(
-        data, max_depth=max_depth, max_elements=max_elements, max_attributes=max_attributes
-    )
+    # Elements and depth are at most the start tags, each a "<" that no "</" begins; a
+    # document within every limit by these counts (most messages) is parsed whole, with
+    # nothing to count.
+    opening = markup - data.count(b"</")
+    if opening <= min(max_depth, max_elements) and equals <= max_attributes:
+        root = _parse_whole(data)
+    else:
+        root = _parse_counted(
+            data, max_depth=max_depth, max_elements=max_elements, max_attributes=max_attributes
+        )
     if root.getroottree().docinfo.doctype:
         raise MessageError("forbidden-markup", "DTDs are not accepted")
     if next(root.iter(etree.Entity), None) is not None:
@@ -192,26 +231,31 @@ def parse_message(
     """Untrusted bytes -> schema-checked ARMS message model (``ascii_text``: see parse_element)."""
     root = parse_element(data, max_bytes=max_bytes, max_depth=max_depth, ascii_text=ascii_text)
     if validate:
-        try:
-            schema.validate(root)
-        except schema.SchemaError as e:
-            raise MessageError("schema", str(e)) from e
-        inner = root[0]
-        body = next((c for c in inner if c.tag.endswith(("-request", "-response"))
-                     and c.tag not in ("arms-request", "arms-response")), None)
-        if not schema.type_matches_body(
-            inner.get("type", ""), None if body is None else body.tag,
-            is_request=inner.tag == "arms-request",
-        ):
-            raise MessageError(
-                "schema",
-                f"body <{body.tag if body is not None else ''}> does not match "
-                f"type {inner.get('type')!r}",
-            )
+        problem = schema_problem(root)
+        if problem is not None:
+            raise problem
     try:
         return decode_element(root)
     except (DecodeError, ValueError) as e:  # ValueError: int() of more than 4300 digits
         raise MessageError("invalid-value", str(e)) from e
+
+
+def schema_problem(root: etree._Element) -> MessageError | None:
+    """Why :func:`parse_message` refuses a parsed tree ("schema": XSD or the type/body naming
+    rule), or None if it is valid. For callers that parse once and then decide what to do
+    with a message outside the schema (the tunnel takes a device's answer leniently)."""
+    try:
+        schema.validate(root)
+    except schema.SchemaError as e:
+        return MessageError("schema", str(e))
+    inner = root[0]
+    body = next((c for c in inner if c.tag.endswith(("-request", "-response"))
+                 and c.tag not in ("arms-request", "arms-response")), None)
+    if schema.type_matches_body(inner.get("type", ""), None if body is None else body.tag,
+                                is_request=inner.tag == "arms-request"):
+        return None
+    return MessageError("schema", f"body <{body.tag if body is not None else ''}> does not "
+                                  f"match type {inner.get('type')!r}")
 
 
 class UnsafeMessageError(ValueError):

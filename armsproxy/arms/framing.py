@@ -587,10 +587,12 @@ def _host_header(host: str, port: int) -> str:
         raise ValueError(f"invalid host {host!r}")
     if not 0 < port < 65536:
         raise ValueError(f"invalid port {port}")
-    try:
-        is_v6 = isinstance(ipaddress.ip_address(host), ipaddress.IPv6Address)
-    except ValueError:
-        is_v6 = False
+    is_v6 = False
+    if ":" in host:  # only an IPv6 literal can hold one: no address parse for IPv4 (per push)
+        try:
+            is_v6 = isinstance(ipaddress.ip_address(host), ipaddress.IPv6Address)
+        except ValueError:
+            pass
     # The SA ignores Host (§2.5); bracket IPv6 as RFC 9110 wants.
     return f"[{host}]:{port}" if is_v6 else f"{host}:{port}"
 

@@ -6,6 +6,7 @@ can be unusable for a device. We check every URL before it is configured or sent
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -23,7 +24,19 @@ class SAUrl:
 
 
 def url_problems(url: str) -> list[str]:
-    """Reasons a device could not use ``url``; empty if it can."""
+    """Reasons a device could not use ``url``; empty if it can.
+
+    Every answer that carries URLs is checked (each config-solicitation answer), and they are
+    nearly always the same few configured ones: the verdicts are cached."""
+    return list(_url_problems(url))
+
+
+@functools.lru_cache(maxsize=1024)
+def _url_problems(url: str) -> tuple[str, ...]:
+    return tuple(_find_url_problems(url))
+
+
+def _find_url_problems(url: str) -> list[str]:
     problems: list[str] = []
     if any(c.isspace() for c in url):
         return [f"{url!r}: URLs handed to devices must not contain whitespace"]

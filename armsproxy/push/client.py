@@ -10,10 +10,14 @@ The request carries the SA's preshared key, so it goes only to a peer that passe
 while nothing has been written yet: chain to the SA CA (in the handshake), the leaf equal to the
 certificate the RS issued to that distid (pin, also in the handshake), and an IP SAN check when
 the leaf has IP SANs (right after the handshake, before the write).
+
+No TLS session is resumed, and none is offered: a libarms SA builds a fresh ``SSL_CTX`` for
+every connection (§2.1), so it could not resume one; every push pays a full handshake.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import ipaddress
 import re
@@ -23,24 +27,12 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from OpenSSL import SSL, crypto
-from service_identity import CertificateError, VerificationError
-from service_identity.cryptography import verify_certificate_ip_address
 from twisted.internet import error
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
-from twisted.internet.interfaces import (
-    IDelayedCall,
-    IHandshakeListener,
-    IOpenSSLClientConnectionCreator,
-    IProtocol,
-    IReactorTime,
-    ITransport,
-)
-from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.internet.interfaces import IDelayedCall, IProtocol, IReactorTime
+from twisted.internet.protocol import ClientFactory, Protocol, connectionDone
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
 from armsproxy.arms.framing import FramingError, SAPushResponse, parse_sa_push_response
 from armsproxy.arms.framing import build_push_request as _build_push_request
@@ -68,6 +60,8 @@ __all__ = [
 log = Logger()
 
 DEFAULT_MAX_ANSWER_BYTES = 1024 * 1024
+_BIO_READ = 65536  # bytes taken out of OpenSSL at a time
+_CACHE_ENTRIES = 65536  # per cache of per-SA facts (see SAPushClient.__init__)
 
 # X509_V_ERR_* codes. Dates are ignored like libarms does (§2.1): devices often have no clock.
 _CERT_NOT_YET_VALID = 9
@@ -178,14 +172,11 @@ def _load_certificates(pem: bytes, what: str) -> list[x509.Certificate]:
 
 
 def _der(cert: crypto.X509) -> bytes:
-    """The DER of a certificate pyOpenSSL hands us, read through ``cryptography`` (pyOpenSSL's
-    own certificate API is on its way out)."""
-    return cert.to_cryptography().public_bytes(serialization.Encoding.DER)
+    """The DER of a certificate pyOpenSSL hands us: one C call (no ``cryptography`` object)."""
+    return crypto.dump_certificate(crypto.FILETYPE_ASN1, cert)
 
 
-def _pin_der(pinned_certificate_pem: str | None) -> bytes | None:
-    if pinned_certificate_pem is None:
-        return None
+def _pin_der(pinned_certificate_pem: str) -> bytes:
     block = _PEM_CERT.search(pinned_certificate_pem.encode("ascii", "replace"))
     if block is None:
         raise PushTLSError("pinned certificate for this distid is not a PEM certificate")
@@ -209,91 +200,76 @@ def _tls_error(reason: str, kind: str) -> PushTLSError:
     return error
 
 
-class _Verification:
-    """Verification state of one connection, whose own verify callback is ``verify``.
+class _LeafFacts:
+    """What the checks after the handshake need of one SA certificate, worked out once per
+    certificate (an SA presents the same one on every push)."""
 
-    (Twisted takes the connection's app data for itself, hence the callback per connection on
-    the client's one context. No TLS session is ever resumed, as libarms does.)
-    """
+    __slots__ = ("_checked", "addresses", "problem", "sha256")
 
-    def __init__(self, pin: bytes | None) -> None:
-        self.pin = pin
-        self.failure: str | None = None
-        self.failure_kind = "certificate_verify_failed"
-        self.connection: SSL.Connection | None = None
+    def __init__(self, sha256: str,
+                 addresses: frozenset[ipaddress.IPv4Address | ipaddress.IPv6Address] | None,
+                 problem: str | None = None) -> None:
+        self.sha256 = sha256
+        #: Its IP SANs; None when it has none (SA certificates may carry none: no check then).
+        self.addresses = addresses
+        self.problem = problem  # an unreadable subjectAltName
+        self._checked: dict[str, str | None] = {}  # host -> ip_problem(host)
 
-    def verify(
-        self, connection: SSL.Connection, cert: crypto.X509, errno: int, depth: int, ok: int
-    ) -> bool:
-        """Chain to the SA CA ignoring validity dates (libarms ignores them, §2.1), then pin.
-
-        Devices often lack a real-time clock, so an SA certificate that is "not yet valid" or
-        "expired" by our clock is accepted; every other chain error fails the handshake.
-        """
-        if not ok and errno not in _IGNORED_VERIFY_ERRORS:
-            if self.failure is None:
-                what = _VERIFY_ERRORS.get(errno, f"X509 verify error {errno}")
-                self.failure = (
-                    f"SA certificate chain not verified against the SA CA: {what} "
-                    f"(depth {depth}, {_describe_cert(cert)})"
-                )
-            return False
-        if depth == 0 and self.pin is not None:
-            presented = _der(cert)
-            if presented != self.pin:
-                if self.failure is None:
-                    self.failure_kind = "pin_mismatch"
-                    self.failure = (
-                        "SA certificate pin mismatch: presented sha256 "
-                        f"{hashlib.sha256(presented).hexdigest()}, RS issued sha256 "
-                        f"{hashlib.sha256(self.pin).hexdigest()}"
-                    )
-                return False
-        return True
+    def ip_problem(self, host: str) -> str | None:
+        """Check an IP SAN only when the leaf has one (SA certificates may carry none)."""
+        if self.problem is not None or self.addresses is None:
+            return self.problem
+        try:
+            return self._checked[host]
+        except KeyError:
+            pass
+        problem = None
+        if ipaddress.ip_address(host) not in self.addresses:
+            listed = ", ".join(sorted(str(a) for a in self.addresses))
+            problem = f"SA certificate IP SAN mismatch: {host} not in [{listed}]"
+        if len(self._checked) < 16:  # an SA's address rarely changes
+            self._checked[host] = problem
+        return problem
 
 
-def _refuse_unverified(connection: SSL.Connection, cert: crypto.X509, errno: int, depth: int,
-                       ok: int) -> bool:
-    """The context's own callback, never reached (every connection sets its own): a
-    connection that did not would verify nothing, so it refuses everything."""
-    return False
-
-
-@implementer(IOpenSSLClientConnectionCreator)
-class _ConnectionCreator:
-    """Hands Twisted a connection without SNI (the host is an IP), on the client's context,
-    with this push's own verify callback."""
-
-    def __init__(self, context: SSL.Context, verification: _Verification) -> None:
-        self._context = context
-        self._verification = verification
-
-    def clientConnectionForTLS(self, tlsProtocol: TLSMemoryBIOProtocol) -> SSL.Connection:
-        connection = SSL.Connection(self._context, None)
-        connection.set_verify(SSL.VERIFY_PEER, self._verification.verify)  # this one's pin
-        self._verification.connection = connection
-        return connection
-
-
-def _ip_san_problem(cert: x509.Certificate, host: str) -> str | None:
-    """Check an IP SAN only when the leaf has one (SA certificates may carry none)."""
+def _leaf_facts(der: bytes) -> _LeafFacts:
+    sha256 = hashlib.sha256(der).hexdigest()
     try:
-        san = cert.extensions.get_extension_for_class(
-            x509.SubjectAlternativeName
-        )
+        cert = x509.load_der_x509_certificate(der)
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
     except x509.ExtensionNotFound:
-        return None
+        return _LeafFacts(sha256, None)
     except ValueError as e:
-        return f"SA certificate has an unreadable subjectAltName: {e}"
+        return _LeafFacts(sha256, None, f"SA certificate has an unreadable subjectAltName: {e}")
     addresses = san.value.get_values_for_type(x509.IPAddress)
-    if not addresses:
-        return None
-    try:
-        verify_certificate_ip_address(cert, host)
-    except (VerificationError, CertificateError):
-        listed = ", ".join(str(a) for a in addresses)
-        return f"SA certificate IP SAN mismatch: {host} not in [{listed}]"
-    return None
+    ips = frozenset(a for a in addresses
+                    if isinstance(a, ipaddress.IPv4Address | ipaddress.IPv6Address))
+    return _LeafFacts(sha256, ips or None)
+
+
+class _BoundedCache(dict[Any, Any]):
+    """A dict emptied when full: per-SA facts (pins, certificates, URLs) are reused push after
+    push, and a million SAs cost at most ``limit`` entries."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+
+    def put(self, key: Any, value: Any) -> Any:
+        if len(self) >= self.limit:
+            self.clear()
+        self[key] = value
+        return value
+
+
+def _verify(connection: SSL.Connection, cert: crypto.X509, errno: int, depth: int,
+            ok: int) -> bool:
+    """The context's one verify callback (set once, not per connection: pyOpenSSL builds a
+    cffi callback each time); the push it belongs to is the connection's app data."""
+    exchange = connection.get_app_data()
+    if not isinstance(exchange, _Exchange):
+        return False  # not one of ours: verify nothing, refuse everything
+    return exchange.verify(cert, errno, depth, ok)
 
 
 # --------------------------------------------------------------------------------------------
@@ -301,59 +277,48 @@ def _ip_san_problem(cert: x509.Certificate, host: str) -> str | None:
 # --------------------------------------------------------------------------------------------
 
 
-@implementer(IHandshakeListener)
-class _PushProtocol(Protocol):
-    def __init__(self, exchange: _Exchange) -> None:
-        self._exchange = exchange
-
-    def connectionMade(self) -> None:
-        self._exchange.tls_started(self.transport)
-
-    def handshakeCompleted(self) -> None:
-        self._exchange.handshake_completed()
-
-    def dataReceived(self, data: bytes) -> None:
-        self._exchange.data_received(data)
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self._exchange.connection_lost(reason)
-
-
-class _PushFactory(Factory):
+class _PushFactory(ClientFactory):
     noisy = False  # one log line per failed push, nothing per connection
 
     def __init__(self, exchange: _Exchange) -> None:
         self._exchange = exchange
 
     def buildProtocol(self, addr: Any) -> IProtocol:
-        return _PushProtocol(self._exchange)
+        return self._exchange
+
+    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
+        self._exchange.connect_failed(reason)
 
 
-class _Exchange:
-    """State machine of one push: connecting → handshake → sent → done."""
+class _Exchange(Protocol):
+    """One push: connecting → handshake → sent → done, TLS included.
 
-    def __init__(
-        self,
-        client: SAPushClient,
-        host: str,
-        port: int,
-        request: bytes,
-        pin: bytes | None,
-    ) -> None:
+    The protocol drives OpenSSL over memory BIOs itself instead of stacking Twisted's
+    ``TLSMemoryBIOProtocol`` under an endpoint's wrapper: one connection, one request, one
+    answer needs none of their generality, and they cost more CPU per push than the rest of
+    the client (bench/push.py).
+    """
+
+    def __init__(self, client: SAPushClient, host: str, port: int, request: bytes,
+                 pin: bytes | None) -> None:
         self._client = client
         self._clock = client._clock
         self._host = host
         self._port = port
         self._request = request
-        self._verification = _Verification(pin)
+        self._pin = pin
         self._phase = "connecting"
         self._started = 0.0
-        self._connecting: Deferred[Any] | None = None
-        self._transport: ITransport | None = None
+        self._connector: Any = None
+        self._tls: SSL.Connection | None = None
+        self._tls_closed = False  # the SA's close_notify arrived
         self._timers: list[IDelayedCall] = []
         self._received: list[bytes] = []
         self._size = 0
+        self._peer_der: bytes | None = None
         self._peer_sha256 = ""
+        self._failure: str | None = None  # why verification refused the SA's certificate
+        self._failure_kind = "certificate_verify_failed"
         self.result: Deferred[PushAnswer] = Deferred(self._cancel)
 
     # -- start and deadlines ------------------------------------------------------------
@@ -365,17 +330,8 @@ class _Exchange:
             self._clock.callLater(client._connect_timeout, self._connect_expired),
             self._clock.callLater(client._answer_timeout, self._answer_expired),
         ]
-        endpoint_class: Any = (
-            TCP6ClientEndpoint
-            if isinstance(ipaddress.ip_address(self._host), ipaddress.IPv6Address)
-            else TCP4ClientEndpoint
-        )
-        tcp = endpoint_class(
-            client._reactor, self._host, self._port, timeout=client._connect_timeout
-        )
-        endpoint = wrapClientTLS(_ConnectionCreator(client._context, self._verification), tcp)
-        self._connecting = endpoint.connect(_PushFactory(self))
-        self._connecting.addCallbacks(self._connected, self._connect_failed)
+        self._connector = client._reactor.connectTCP(
+            self._host, self._port, _PushFactory(self), timeout=client._connect_timeout)
         return self.result
 
     def _connect_expired(self) -> None:
@@ -397,13 +353,9 @@ class _Exchange:
             self._fail(_handshake_timeout(message) if self._phase == "handshake"
                        else PushTimeout(message))
 
-    # -- connection events --------------------------------------------------------------
+    # -- TCP ------------------------------------------------------------------------------
 
-    def _connected(self, protocol: object) -> None:
-        self._connecting = None
-
-    def _connect_failed(self, failure: Failure) -> None:
-        self._connecting = None
+    def connect_failed(self, failure: Failure) -> None:
         if self._phase == "done":
             return
         if failure.check(error.ConnectionRefusedError):
@@ -414,40 +366,163 @@ class _Exchange:
             reason = f"{type(failure.value).__name__}: {failure.getErrorMessage()}"
         self._fail(PushUnreachable(reason))
 
-    def tls_started(self, transport: ITransport) -> None:
-        self._transport = transport
+    def connectionMade(self) -> None:
         if self._phase == "done":
-            transport.abortConnection()  # type: ignore[attr-defined]
+            self.transport.abortConnection()  # type: ignore[attr-defined]
             return
         self._phase = "handshake"
+        tls = SSL.Connection(self._client._context, None)  # no SNI: the host is an IP
+        tls.set_app_data(self)  # for _verify
+        tls.set_connect_state()
+        self._tls = tls
+        self._handshake()
 
-    def handshake_completed(self) -> None:
-        if self._phase != "handshake":
+    def dataReceived(self, data: bytes) -> None:
+        tls = self._tls
+        if tls is None or self._phase == "done":
             return
-        connection = self._verification.connection
-        cert = connection.get_peer_certificate() if connection is not None else None
-        if connection is None or cert is None:
-            self._fail(_tls_error("SA presented no certificate", "no_certificate"))
+        tls.bio_write(data)
+        if self._phase == "handshake":
+            self._handshake()
+            if self._phase != "sent":
+                return
+        self._read()
+        if self._phase == "sent":
+            self._flush()  # what reading made OpenSSL say (a renegotiation, a key update)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        phase = self._phase
+        if phase == "done":
             return
-        der = _der(cert)
-        self._peer_sha256 = hashlib.sha256(der).hexdigest()
-        pin = self._verification.pin
-        problem, kind = self._verification.failure, self._verification.failure_kind
-        if problem is None and pin is not None and der != pin:
-            problem = "SA certificate pin mismatch after the handshake"  # belt and braces
-            kind = "pin_mismatch"
-        if problem is None:
-            problem, kind = _ip_san_problem(cert.to_cryptography(), self._host), "ip_mismatch"
+        if phase in ("connecting", "handshake"):
+            # A bare close in the handshake: the SA rejecting our client certificate (§2.1),
+            # or a listener that does not speak TLS.
+            if self._failure is not None:
+                self._fail(_tls_error(self._failure, self._failure_kind))
+            elif self._client._client_certs:
+                self._fail(_tls_error("SA closed the connection during the TLS handshake "
+                                      "(client certificate?)", "closed"))
+            else:
+                self._fail(_tls_error("SA closed the connection during the TLS handshake",
+                                      "closed"))
+            return
+        ended: BaseException = reason.value
+        if not self._tls_closed and self._tls is not None:
+            # TCP ended without the SA's close_notify: let OpenSSL read what is left, and say
+            # how the TLS session ended (an alert, or a bare EOF: a lost connection).
+            self._tls.bio_shutdown()
+            ended = self._read(at_eof=True) or ended
+        self._answered(ended)
+
+    # -- TLS ------------------------------------------------------------------------------
+
+    def verify(self, cert: crypto.X509, errno: int, depth: int, ok: int) -> bool:
+        """Chain to the SA CA ignoring validity dates (libarms ignores them, §2.1), then pin.
+
+        Devices often lack a real-time clock, so an SA certificate that is "not yet valid" or
+        "expired" by our clock is accepted; every other chain error fails the handshake.
+        """
+        if not ok and errno not in _IGNORED_VERIFY_ERRORS:
+            if self._failure is None:
+                what = _VERIFY_ERRORS.get(errno, f"X509 verify error {errno}")
+                self._failure = (
+                    f"SA certificate chain not verified against the SA CA: {what} "
+                    f"(depth {depth}, {_describe_cert(cert)})"
+                )
+            return False
+        if depth == 0:
+            presented = self._peer_der = _der(cert)
+            if self._pin is not None and presented != self._pin:
+                if self._failure is None:
+                    self._failure_kind = "pin_mismatch"
+                    self._failure = self._pin_mismatch(presented)
+                return False
+        return True
+
+    def _pin_mismatch(self, presented: bytes) -> str:
+        assert self._pin is not None
+        return ("SA certificate pin mismatch: presented sha256 "
+                f"{hashlib.sha256(presented).hexdigest()}, RS issued sha256 "
+                f"{hashlib.sha256(self._pin).hexdigest()}")
+
+    def _flush(self) -> None:
+        """What OpenSSL has for the SA, in one transport write."""
+        assert self._tls is not None and self.transport is not None
+        pieces = []
+        while True:
+            try:
+                pieces.append(self._tls.bio_read(_BIO_READ))
+            except SSL.WantReadError:
+                break
+        if pieces:
+            self.transport.write(pieces[0] if len(pieces) == 1 else b"".join(pieces))
+
+    def _handshake(self) -> None:
+        assert self._tls is not None
+        try:
+            self._tls.do_handshake()
+        except SSL.WantReadError:
+            self._flush()
+            return
+        except SSL.Error as e:
+            self._flush()  # the alert telling the SA why
+            if self._failure is not None:
+                self._fail(_tls_error(self._failure, self._failure_kind), graceful=True)
+            else:
+                text = ssl_error_text(e)
+                self._fail(_tls_error(f"TLS handshake failed: {text}", ssl_failure_reason(text)),
+                           graceful=True)
+            return
+        self._handshake_completed()
+
+    def _handshake_completed(self) -> None:
+        """Last checks before the key leaves: pin (again) and IP SAN; then the request."""
+        assert self._tls is not None
+        der = self._peer_der
+        if der is None:
+            cert = self._tls.get_peer_certificate()
+            if cert is None:
+                self._fail(_tls_error("SA presented no certificate", "no_certificate"))
+                return
+            der = self._peer_der = _der(cert)
+        if self._pin is not None and der != self._pin:  # belt and braces: verify() did it
+            self._fail(_tls_error(self._pin_mismatch(der), "pin_mismatch"))
+            return
+        facts = self._client._leaf_facts(der)
+        problem = facts.ip_problem(self._host)
         if problem is not None:
-            self._fail(_tls_error(problem, kind))
+            self._fail(_tls_error(problem, "ip_mismatch"))
             return
+        self._peer_sha256 = facts.sha256
         self._phase = "sent"
-        assert self._transport is not None
-        self._transport.write(self._request)  # one write: the SA reads one request (§2.5)
+        self._tls.sendall(self._request)
+        self._request = b""
+        self._flush()  # one write: the SA reads one request (§2.5)
 
-    def data_received(self, data: bytes) -> None:
-        if self._phase != "sent":
-            return
+    def _read(self, *, at_eof: bool = False) -> BaseException | None:
+        """Take the answer's plaintext out of OpenSSL. Returns how the TLS session ended when
+        it did with an error (an alert, or at EOF a missing close_notify), else None."""
+        tls = self._tls
+        assert tls is not None
+        while self._phase == "sent":
+            try:
+                data = tls.recv(_BIO_READ)
+            except SSL.WantReadError:
+                return None
+            except SSL.ZeroReturnError:  # close_notify: the answer is complete (EOF, §2.6)
+                self._tls_closed = True
+                if not at_eof:
+                    self._answered(error.ConnectionDone())
+                return None
+            except SSL.Error as e:
+                ended = error.ConnectionLost() if _represents_eof(e) else e
+                if not at_eof:
+                    self._answered(ended)
+                return ended
+            self._data_received(data)
+        return None
+
+    def _data_received(self, data: bytes) -> None:
         self._size += len(data)
         limit = self._client._max_answer_bytes
         if self._size > limit:
@@ -456,19 +531,17 @@ class _Exchange:
             return
         self._received.append(data)
 
-    def connection_lost(self, reason: Failure) -> None:
-        phase = self._phase
-        if phase == "done":
-            return
-        if phase in ("connecting", "handshake"):
-            self._fail(_tls_error(*self._handshake_failure(reason)))
+    def _answered(self, reason: BaseException) -> None:
+        """The SA ended the session (``reason`` says how): whatever it sent is the answer.
+        (An exception, not a Failure: a Failure per push costs more than this whole method.)"""
+        if self._phase != "sent":
             return
         data = b"".join(self._received)
         if not data:
-            if reason.check(SSL.Error):
+            if isinstance(reason, SSL.Error):
                 # TLS 1.3: the SA refuses our client certificate after our side of the
                 # handshake is done; still a failed handshake (§2.1).
-                text = ssl_error_text(reason.value)
+                text = ssl_error_text(reason)
                 self._fail(_tls_error(
                     "SA ended the TLS session after the request without an answer: "
                     f"{text} (client certificate rejected?)", ssl_failure_reason(text)))
@@ -481,10 +554,12 @@ class _Exchange:
         except FramingError as e:
             self._fail(PushProtocolError(f"unusable answer: {e}"))
             return
-        if not reason.check(error.ConnectionDone):
+        if not isinstance(reason, error.ConnectionDone):
             response.framing_notes.append(
-                f"connection ended by {type(reason.value).__name__}, not a clean close")
+                f"connection ended by {type(reason).__name__}, not a clean close")
         self._finish()
+        if self.transport is not None:
+            self.transport.loseConnection()  # if the SA has not closed yet
         self.result.callback(PushAnswer(
             status=response.status,
             response=response,
@@ -492,20 +567,6 @@ class _Exchange:
             elapsed=self._clock.seconds() - self._started,
             peer_certificate_sha256=self._peer_sha256,
         ))
-
-    def _handshake_failure(self, reason: Failure) -> tuple[str, str]:
-        """What ended the handshake, and its reason label."""
-        if self._verification.failure is not None:
-            return self._verification.failure, self._verification.failure_kind
-        if reason.check(SSL.Error):
-            text = ssl_error_text(reason.value)
-            return f"TLS handshake failed: {text}", ssl_failure_reason(text)
-        # A bare close in the handshake: the SA rejecting our client certificate (§2.1), or a
-        # listener that does not speak TLS.
-        if self._client._client_certs:
-            return ("SA closed the connection during the TLS handshake (client certificate?)",
-                    "closed")
-        return "SA closed the connection during the TLS handshake", "closed"
 
     # -- endings ------------------------------------------------------------------------
 
@@ -515,20 +576,25 @@ class _Exchange:
             if timer.active():
                 timer.cancel()
         self._timers = []
+        if self._tls is not None:
+            self._tls.set_app_data(None)  # no cycle left behind
 
-    def _drop_connection(self) -> None:
-        if self._connecting is not None:
-            connecting, self._connecting = self._connecting, None
-            connecting.cancel()
-        if self._transport is not None:
-            self._transport.abortConnection()  # type: ignore[attr-defined]
+    def _drop_connection(self, graceful: bool = False) -> None:
+        if self.transport is not None:
+            if graceful:
+                self.transport.loseConnection()  # after the alert just written
+            else:
+                self.transport.abortConnection()  # type: ignore[attr-defined]
+        elif self._connector is not None:
+            with contextlib.suppress(error.NotConnectingError):
+                self._connector.stopConnecting()
 
-    def _fail(self, exc: PushError) -> None:
+    def _fail(self, exc: PushError, *, graceful: bool = False) -> None:
         if self._phase == "done":
             return
         exc.request_sent = self._phase == "sent"
         self._finish()
-        self._drop_connection()
+        self._drop_connection(graceful)
         self.result.errback(exc)
 
     def _cancel(self, _result: Deferred[PushAnswer]) -> None:
@@ -536,6 +602,19 @@ class _Exchange:
         if self._phase != "done":
             self._finish()
             self._drop_connection()
+
+
+def _represents_eof(e: SSL.Error) -> bool:
+    """An EOF in violation of TLS (no close_notify), as Twisted's TLS layer tells it apart:
+    reported as a lost connection, not as an alert from the SA."""
+    if isinstance(e, SSL.SysCallError):
+        text = str(e.args[1]) if len(e.args) > 1 else ""
+    else:
+        queue = e.args[0] if e.args else None
+        if not queue:
+            return True  # OpenSSL 4 reports an EOF with an empty error queue
+        text = str(queue[-1][-1]) if isinstance(queue, list) else str(queue)
+    return text.casefold().startswith("unexpected eof")
 
 
 # --------------------------------------------------------------------------------------------
@@ -594,9 +673,31 @@ class SAPushClient:
                 self._client_key = serialization.load_pem_private_key(key_block.group(0), None)
             except (ValueError, TypeError) as e:
                 raise ValueError(f"client_cert_pem: unusable private key: {e}") from None
-        # One context for every push (built now: material OpenSSL refuses fails here); each
-        # connection brings its own verify callback with its pin.
+        # One context for every push (built now: material OpenSSL refuses fails here), with
+        # one verify callback that finds each connection's push (and pin) itself.
         self._context = self._new_context()
+        # Worked out once per SA, not per push: a pin's DER (by its PEM), a presented
+        # certificate's fingerprint and IP SANs (by its DER), a push URL's host and port.
+        self._pins = _BoundedCache(_CACHE_ENTRIES)
+        self._leaves = _BoundedCache(_CACHE_ENTRIES)
+        self._targets = _BoundedCache(_CACHE_ENTRIES)
+
+    def _leaf_facts(self, der: bytes) -> _LeafFacts:
+        facts = self._leaves.get(der)
+        return facts if facts is not None else self._leaves.put(der, _leaf_facts(der))
+
+    def _pin(self, pem: str | None) -> bytes | None:
+        if pem is None:
+            return None
+        der = self._pins.get(pem)
+        return der if der is not None else self._pins.put(pem, _pin_der(pem))
+
+    def _target(self, url: str) -> tuple[str, int]:
+        target = self._targets.get(url)
+        if target is None:
+            parsed = parse_sa_url(url)  # ValueError for an unusable URL: not remembered
+            target = self._targets.put(url, (parsed.host, parsed.port))
+        return target
 
     def _new_context(self) -> SSL.Context:
         context = SSL.Context(SSL.TLS_METHOD)
@@ -609,7 +710,7 @@ class SAPushClient:
             store.add_cert(ca)
         # Trust what was configured even if it is an intermediate, not a self-signed root.
         store.set_flags(crypto.X509StoreFlags.PARTIAL_CHAIN)
-        context.set_verify(SSL.VERIFY_PEER, _refuse_unverified)  # replaced per connection
+        context.set_verify(SSL.VERIFY_PEER, _verify)
         context.set_verify_depth(10)
         if self._client_certs:
             try:
@@ -637,17 +738,17 @@ class SAPushClient:
         the pin (chain only). Raises ValueError for an unusable URL or distid/key, and a
         :class:`PushError` subclass for every network, TLS or protocol failure (logged once).
         """
-        target = parse_sa_url(url)
-        request = _build_push_request(target.host, target.port, distribution_id, key, body)
+        host, port = self._target(url)
+        request = _build_push_request(host, port, distribution_id, key, body)
         try:
-            pin = _pin_der(pinned_certificate_pem)
-            return await _Exchange(self, target.host, target.port, request, pin).start()
+            pin = self._pin(pinned_certificate_pem)
+            return await _Exchange(self, host, port, request, pin).start()
         except PushError as e:
             if e.tls_failure is None:
                 log.warn("push to {distid} at {url} failed: {reason}",
                          distid=distribution_id, url=url, reason=e.reason)
             elif not self.handshake_failures.record(
-                    "push", target.host, e.tls_failure, e.reason,
+                    "push", host, e.tls_failure, e.reason,
                     what=f"push to {distribution_id} at {url}"):
                 # Logged once per SA address and reason: a confirmation retries every 3 s.
                 log.debug("push to {distid} at {url} failed: {reason}",

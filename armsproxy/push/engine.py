@@ -2,14 +2,21 @@
 
 Durability lives in the store: every state change and its ``arms.event`` commit together, so
 a crash at any point leaves a state this module can resume from. The engine itself keeps only
-what can be rebuilt: which SAs are being sent to right now, and per-SA locks that serialise
+what can be rebuilt: which SAs are being sent to right now, per-SA locks that serialise
 "the start answer was read" against "a done-request arrived" (§7.0.4: the done may overtake
-the start answer).
+the start answer), and a copy of the SA registry it writes through (:mod:`.sa_cache`).
+
+Store calls per operation, the hot path: ``submit``; one ``claim_dispatchable`` per dispatch
+turn for every operation it picks (queued -> sending, the attempt counted); the transition
+that records the answer. An SA's record comes from the cache, and a pull writes the registry
+only when something changed (``config_relayed``). Per-operation outcomes are counted in
+:class:`~armsproxy.metrics.Metrics` and logged at debug level; failures are logged as warnings.
 
 Rules an operator can rely on:
 
 * per SA, operations leave in submit order and one is being sent at a time; an operation
-  waiting for its done-request (``started``) does not hold the next one back;
+  waiting for its done-request (``started``) does not hold the next one back (over a tunnel,
+  a done-request being stored holds it until answered: the answer goes out first);
 * an order is tried only when its SA is reachable: the order names an ``sa_url``, or the SA
   holds a live tunnel, or its https-simple push confirmation succeeded. Otherwise it stays
   ``queued`` with ``waiting_for`` set and no attempt counted, holding its SA's queue, until the
@@ -24,6 +31,12 @@ Rules an operator can rely on:
 * at start-up, operations found ``sending`` are resolved: read-only ones are re-sent; 1-way
   operations with side effects fail as ``interrupted``; 2-way ones wait ``interrupted_grace``
   seconds for evidence (a done-request of that type from that SA) before failing.
+
+Several instances on one store (#12, :mod:`armsproxy.instance`): each claims with its id, only
+what it can send (an SA's orders go to the instance holding its tunnel); what an instance whose
+lease expired left ``sending`` is taken over by a survivor (every ``takeover_every`` seconds)
+and resolved by the same restart rules. A started operation needs nothing: its done-request
+may reach any instance, which finds it in the store.
 """
 
 from __future__ import annotations
@@ -61,6 +74,7 @@ from ..tunnel import TunnelError
 from . import operations as ops
 from .client import PushError
 from .outbox import new_event
+from .sa_cache import SACache
 
 log = Logger()
 
@@ -97,6 +111,17 @@ class PushSettings:
     orphan_dones_ttl: float = 3600.0  # then dropped: its start answer is long overdue
     orphan_done_max_bytes: int = 262144  # a larger one is recorded, its XML not kept
     orphan_purge_every: float = 60.0
+    # SA records kept in memory (LRU), so that a dispatch needs no registry read; ~2 KB each.
+    sa_cache_size: int = 4096
+    # ...each trusted this long (None: for ever): other proxies sharing a PostgreSQL store
+    # write the registry too. An SA that looks unreachable is read again before it waits.
+    sa_cache_ttl: float | None = 30.0
+    # A pull from the same host with the same certificate is recorded (last_pull_at,
+    # last_peer) only once the recorded one is this old: no store write per pull.
+    pull_record_interval: float = 60.0
+    # With an instance: how often to look for instances whose lease expired (their
+    # `sending` operations are resolved here); the instance's renewal interval.
+    takeover_every: float = 5.0
 
     def __post_init__(self) -> None:
         if self.orphan_dones_max_per_sa < 1 or self.orphan_dones_ttl <= 0 \
@@ -117,6 +142,17 @@ WAIT_TUNNEL = "a live tunnel from the SA"
 
 class OrderRejected(ValueError):
     """An order that is not accepted; nothing was stored."""
+
+
+def _host(peer: str | None) -> str | None:
+    """``host:port`` -> host: a device pulls over a new connection (a new port) each time."""
+    return None if peer is None else peer.rsplit(":", 1)[0]
+
+
+def _fire(waiters: list[defer.Deferred[None]]) -> None:
+    for waiter in waiters:
+        if not waiter.called:  # a cancelled one (the engine stopped) has been
+            waiter.callback(None)
 
 
 def _event(kind: str, op: Operation, **payload: Any) -> dict[str, Any]:
@@ -140,18 +176,32 @@ class PushEngine(service.Service):
         tunnels: Any = None,
         counter: Callable[[str, int], None] | None = None,
         metrics: Metrics | None = None,
+        instance: Any = None,
     ) -> None:
         """``counter(name, n)``: where the engine's counts go (tap.py: the management
         gate's ``sa_gate_events_total``); by default :attr:`stats`. ``metrics``: push
-        outcomes and attempt latencies for ``/metrics`` (by default its own)."""
+        outcomes and attempt latencies for ``/metrics`` (by default its own).
+        ``instance``: the :class:`~armsproxy.instance.InstanceService` this engine claims
+        for; None: the only process on its store (nothing claimed carries an id)."""
         self.store = store
         self.client = client
         self.keys = keys
         self.clock = clock
         self.settings = settings
-        self.on_events = on_events or (lambda: None)
+        self._on_events = on_events or (lambda: None)
+        self.instance = instance
+        self.instance_id: str | None = None if instance is None else instance.id
+        if instance is not None:
+            instance.on("ops", self.wake)
+            instance.on_lease_regained(self._lease_regained)
+        # Other processes to tell about new orders and events (a shared store, instances).
+        self._announcing = instance is not None and bool(getattr(store, "shared", False))
         self.tunnels = tunnels  # armsproxy.tunnel.TunnelRegistry, when tunnels are served
         self._sending: set[str] = set()
+        # SAs whose done-request is being stored (not answered yet): no tunnel request to them
+        # until a reactor turn after it is (the gate writes the answer in that turn).
+        self._answering: Counter[str] = Counter()
+        self._answer_waiters: dict[str, list[defer.Deferred[None]]] = {}
         self._in_flight: set[defer.Deferred[None]] = set()
         self._locks: dict[str, defer.DeferredLock] = {}
         self._loop: task.LoopingCall | None = None
@@ -159,8 +209,12 @@ class PushEngine(service.Service):
         self._pump_again = False
         self._last_scan = 0.0
         self._last_orphan_purge = 0.0
+        self._last_takeover = 0.0
         self._background: set[defer.Deferred[Any]] = set()
         self.stats: Counter[str] = Counter()
+        #: The SA registry as last written or read: every registry write goes through it.
+        self.sa_records = SACache(store, settings.sa_cache_size, clock=clock,
+                                  ttl=settings.sa_cache_ttl)
         self._counter = counter or (lambda name, n: self.stats.update({name: n}))
         self.metrics = metrics if metrics is not None else Metrics()
 
@@ -170,6 +224,8 @@ class PushEngine(service.Service):
         self._spawn(self._start())
 
     async def _start(self) -> None:
+        if self.instance is not None:
+            await self.instance.ready()  # no claim without a lease
         await self.recover()
         self._loop = task.LoopingCall(self._tick)
         self._loop.clock = self.clock
@@ -208,13 +264,33 @@ class PushEngine(service.Service):
     def _lock(self, distid: str) -> defer.DeferredLock:
         return self._locks.setdefault(distid, defer.DeferredLock())
 
+    def on_events(self) -> None:
+        """Events were committed: deliver them (here, or at the instance that leads)."""
+        self._on_events()
+        if self.instance is not None and not self.instance.leading:
+            self._announce("events")
+
+    def _announce(self, topic: str) -> None:
+        if self._announcing:
+            self._spawn(self._announce_async(topic))
+
+    async def _announce_async(self, topic: str) -> None:
+        try:
+            await self.store.announce(topic)
+        except defer.CancelledError:
+            raise
+        except Exception as e:  # the others' poll finds the work anyway
+            log.debug("push: announcing {topic} failed ({e})", topic=topic, e=str(e))
+
     # -- orders -----------------------------------------------------------------------------
     async def submit(self, order: dict[str, Any]) -> tuple[Operation, bool]:
         """Validate and store an order; returns only after it is committed."""
         new = self.validate_order(order)
         op, created = await self.store.submit(new)
+        self.metrics.push_submit(op.operation, created)
         if created:
             self.wake()
+            self._announce("ops")  # the SA's tunnel may be another instance's
         return op, created
 
     def validate_order(self, order: Any) -> NewOperation:
@@ -289,11 +365,16 @@ class PushEngine(service.Service):
 
     async def _tick_async(self) -> None:
         now = self.clock.seconds()
+        if self.instance is not None and now - self._last_takeover >= \
+                self.settings.takeover_every:
+            self._last_takeover = now
+            await self._take_over(now)
         if now - self._last_scan >= self.settings.deadline_scan_every:
             self._last_scan = now
             await self._scan_deadlines(now)
         await self._pump()
-        if now - self._last_orphan_purge >= self.settings.orphan_purge_every:
+        if (self.instance is None or self.instance.leading) \
+                and now - self._last_orphan_purge >= self.settings.orphan_purge_every:
             self._last_orphan_purge = now
             await self.purge_orphans(now)
 
@@ -321,16 +402,18 @@ class PushEngine(service.Service):
                 if room <= 0:
                     return
                 now = self.clock.seconds()
-                ready = await self.store.next_dispatchable(now, room + len(self._sending))
-                for op in ready:
-                    if op.distribution_id in self._sending:
-                        continue
-                    if op.expires_at is not None and op.expires_at <= now:
-                        await self._finish(op, {QUEUED}, EXPIRED,
-                                           "the order's deadline passed before dispatch")
-                        continue
+                # Picked and moved to `sending` in one store call; the SAs being dispatched
+                # to right now are skipped there (one at a time per SA), not fetched and
+                # dropped here. What is claimed is ours: _dispatch sends or hands it back.
+                busy = tuple(self._sending)
+                claimed = await self.store.claim_dispatchable(now, room, busy=busy,
+                                                              instance_id=self.instance_id)
+                if not self._sending.issuperset(busy):
+                    # An SA skipped as busy finished meanwhile: its next order may be due.
+                    self._pump_again = True
+                for op in claimed:
                     self._sending.add(op.distribution_id)
-                    d = defer.ensureDeferred(self._dispatch(op))
+                    d = defer.ensureDeferred(self._dispatch(op, now))
                     self._in_flight.add(d)
                     d.addBoth(self._dispatched, op, d)
                 if not self._pump_again:
@@ -371,18 +454,29 @@ class PushEngine(service.Service):
         return None, None, WAIT_CONFIRMATION
 
     async def _wait(self, op: Operation, waiting_for: str) -> None:
-        """Park the head of an unreachable SA's queue: it is not dispatched (next_dispatchable
-        skips the SA) until :meth:`_reachable` releases it, or it expires."""
-        parked = await self.store.transition(op.operation_id, expect={QUEUED}, state=QUEUED,
-                                             changes={"waiting_for": waiting_for})
+        """Hand a claimed head back, parked: its SA is not reachable, so nothing was tried
+        (``attempts`` as before the claim). It is not claimed again (the store skips an SA
+        whose head waits) until :meth:`_reachable` releases it, or it expires."""
+        parked = await self.store.transition(
+            op.operation_id, expect={SENDING}, state=QUEUED,
+            changes={"waiting_for": waiting_for, "attempts": op.attempts - 1})
         if parked is None:
-            return  # cancelled meanwhile
-        log.info("push: {op} for {distid} waits for {what}", op=op.operation_id,
-                 distid=op.distribution_id, what=waiting_for)
-        # The SA may have become reachable between the look and the park (its release then
-        # found nothing to release): look again, now that the park is committed.
-        if self._route(parked, await self.store.sa_get(op.distribution_id))[2] is None:
+            return  # resolved meanwhile (a restart's recovery in another process)
+        self.metrics.push_requeue(op.operation, "waiting")
+        log.debug("push: {op} for {distid} waits for {what}", op=op.operation_id,
+                  distid=op.distribution_id, what=waiting_for)
+        # The SA may have become reachable between the look (a cached copy) and the park
+        # (its release then found nothing to release): look again in the store, now that the
+        # park is committed; a registry write after this read releases after the park. (A
+        # read per park: parks are rare, and another proxy may have seen the SA confirm.)
+        # A tunnel another instance holds counts: released, the order is that one's to claim.
+        record = await self.sa_records.fresh(op.distribution_id)
+        elsewhere = record is not None and record.tunnel_owner is not None \
+            and record.tunnel_owner != self.instance_id
+        if elsewhere or self._route(parked, record)[2] is None:
             await self._reachable(op.distribution_id)
+            if elsewhere:
+                self._announce("ops")
 
     async def _reachable(self, distid: str) -> None:
         """The SA confirmed or opened a tunnel: its queue is due now (waiting orders
@@ -393,18 +487,37 @@ class PushEngine(service.Service):
                      distid=distid, n=released)
         self.wake()
 
-    async def _dispatch(self, queued: Operation) -> None:
-        record = await self.store.sa_get(queued.distribution_id)
-        tunnel, url, waiting_for = self._route(queued, record)
-        if waiting_for is not None:  # not a try: attempts stay as they are
-            await self._wait(queued, waiting_for)
-            return
-        op = await self.store.transition(
-            queued.operation_id, expect={QUEUED}, state=SENDING,
-            changes={"attempts": queued.attempts + 1},
-        )
-        if op is None:
-            return  # cancelled or taken meanwhile
+    async def _dispatch(self, op: Operation, claimed_at: float) -> None:
+        """Carry out one claimed operation: ``sending``, this attempt already counted.
+
+        An order whose deadline passed, or whose SA is not reachable, was never tried: it
+        leaves ``sending`` with ``attempts`` as before the claim (expired, or parked)."""
+        try:
+            ready = await self._prepare(op, claimed_at)
+        except defer.CancelledError:
+            # Stopped before anything was sent: back to its queue, untried, rather than left
+            # `sending` for the next start to resolve as interrupted (failed if not read-only).
+            await self.store.transition(op.operation_id, expect={SENDING}, state=QUEUED,
+                                        changes={"attempts": op.attempts - 1})
+            raise
+        if ready is not None:
+            await self._send(op, *ready)
+
+    async def _prepare(self, op: Operation, claimed_at: float) -> tuple[
+            ops.OperationSpec, bytes, Any, str | None, str | None, SARecord | None] | None:
+        """Everything before the request goes out: ``(spec, body, tunnel, url, key, record)``
+        to send it now, or None when the operation was finished or parked instead. Nothing
+        is sent here, so a stop in between may hand the claim back."""
+        if op.expires_at is not None and op.expires_at <= claimed_at:
+            await self._finish(op, {SENDING}, EXPIRED,
+                               "the order's deadline passed before dispatch",
+                               changes={"attempts": op.attempts - 1})
+            return None
+        record = await self.sa_records.get(op.distribution_id)  # no store call if known
+        tunnel, url, waiting_for = self._route(op, record)
+        if waiting_for is not None:  # not a try
+            await self._wait(op, waiting_for)
+            return None
         spec = ops.OPERATIONS[op.operation]
         try:
             # result-url travels in every 2-way start, over a tunnel too: harmless there, and
@@ -414,7 +527,22 @@ class PushEngine(service.Service):
                                      else None)
         except (UnsafeMessageError, ops.OrderError) as e:
             await self._finish(op, {SENDING}, FAILED, f"cannot build the request: {e}")
-            return
+            return None
+        key = None
+        if tunnel is None:
+            key = await self.keys.sa_key(op.distribution_id)
+            if key is None:
+                await self._finish(op, {SENDING}, FAILED, "the RS does not know this device")
+                return None
+        else:
+            # Last, so that nothing comes between this and the request: see done_request.
+            while op.distribution_id in self._answering:
+                await self._answered(op.distribution_id)
+        return spec, body, tunnel, url, key, record
+
+    async def _send(self, op: Operation, spec: ops.OperationSpec, body: bytes, tunnel: Any,
+                    url: str | None, key: str | None, record: SARecord | None) -> None:
+        """One attempt: the request goes out (no await before it), the answer is recorded."""
         now = self.clock.seconds()
         try:
             if tunnel is not None:
@@ -423,11 +551,7 @@ class PushEngine(service.Service):
                 status, xml, via = None, answer.body, f"tunnel {tunnel.id}"
                 parsed = answer.response
             else:
-                key = await self.keys.sa_key(op.distribution_id)
-                if key is None:
-                    await self._finish(op, {SENDING}, FAILED, "the RS does not know this device")
-                    return
-                assert url is not None
+                assert url is not None and key is not None
                 pushed = await self._attempt(op.operation, "https-simple", self.client.push(
                     url, distribution_id=op.distribution_id, key=key, body=body,
                     pinned_certificate_pem=record.sa_certificate if record else None,
@@ -449,15 +573,22 @@ class PushEngine(service.Service):
         outcome = ops.decode_start_answer(op.operation, status, xml, parsed)
         await self._start_answered(op, spec, outcome, raw_start)
 
+    def _answered(self, distid: str) -> defer.Deferred[None]:
+        """Fires a reactor turn after the SA's done-request in progress was answered."""
+        waiter: defer.Deferred[None] = defer.Deferred()
+        self._answer_waiters.setdefault(distid, []).append(waiter)
+        return waiter
+
     async def _start_answered(self, op: Operation, spec: ops.OperationSpec,
                               outcome: ops.StartOutcome, raw_start: dict[str, Any]) -> None:
         if outcome.retryable:
-            await self.store.transition(
+            if await self.store.transition(
                 op.operation_id, expect={SENDING}, state=QUEUED, raw=raw_start,
                 changes={"not_before": self.clock.seconds() + self.settings.busy_delay,
                          "last_error": outcome.error or f"SA busy ({outcome.result_code})",
                          "start_result_code": outcome.result_code},
-            )
+            ) is not None:
+                self.metrics.push_requeue(op.operation, "busy")
             return
         if not spec.two_way or not outcome.accepted or outcome.transaction_id is None:
             ok = outcome.accepted and codes.is_success(outcome.result_code)
@@ -479,17 +610,20 @@ class PushEngine(service.Service):
             self.on_events()
             if started is None:
                 return
-            for orphan in await self.store.take_orphan_dones(op.distribution_id,
-                                                             outcome.transaction_id):
-                if orphan.xml:
-                    await self._apply_orphan(started, orphan.xml)
-                else:  # answered 100, so the SA will not send it again: the result is lost
-                    await self._finish(
-                        started, {STARTED}, FAILED,
-                        f"the {orphan.type} ({orphan.size} bytes) came before the start "
-                        f"answer and was larger than orphan_done_max_bytes "
-                        f"({self.settings.orphan_done_max_bytes}): answered, not kept")
-                started = await self.store.get(op.operation_id) or started
+            await self._apply_orphans(started, outcome.transaction_id)
+
+    async def _apply_orphans(self, started: Operation, tid: int) -> None:
+        """Apply the done-requests of ``started``'s SA transaction that came first."""
+        for orphan in await self.store.take_orphan_dones(started.distribution_id, tid):
+            if orphan.xml:
+                await self._apply_orphan(started, orphan.xml)
+            else:  # answered 100, so the SA will not send it again: the result is lost
+                await self._finish(
+                    started, {STARTED}, FAILED,
+                    f"the {orphan.type} ({orphan.size} bytes) came before the start "
+                    f"answer and was larger than orphan_done_max_bytes "
+                    f"({self.settings.orphan_done_max_bytes}): answered, not kept")
+            started = await self.store.get(started.operation_id) or started
 
     # -- tunnels ----------------------------------------------------------------------------
     def tunnel_up(self, tunnel: Any) -> None:
@@ -502,12 +636,15 @@ class PushEngine(service.Service):
         """Registry and RS learn which tunnels an SA holds; queued orders may now go.
 
         The SA record keeps the live tunnels and the last few closed ones (when and why),
-        which is what ``sa.status`` shows.
+        which is what ``sa.status`` shows. With an instance, the record also says which
+        instance holds the SA's tunnel (``tunnel_owner``: only it claims the SA's orders):
+        this one while it holds any, released (unless another instance has taken it
+        meanwhile) when its last one closes.
         """
         distid = tunnel.distid
         now = self.clock.seconds()
         live = [t.info() for t in self.tunnels.live(distid)] if self.tunnels else []
-        record = await self.store.sa_get(distid)
+        record = await self.sa_records.get(distid)
         closed = [t for t in (record.tunnels if record else []) if t.get("closed_at")]
         if kind == "sa.tunnel_down":
             closed.append({**tunnel.info(), "closed_at": now, "close_reason": reason or ""})
@@ -515,11 +652,17 @@ class PushEngine(service.Service):
         if kind == "sa.tunnel_up":
             fields.update(push_method="https-tunnel", confirmed=True,
                           last_confirmation_at=now, last_peer=tunnel.peer)
+        release = None
+        if self.instance_id is not None:
+            if kind == "sa.tunnel_up" or live:
+                fields["tunnel_owner"] = self.instance_id
+            else:
+                release = self.instance_id
         # sa.tunnel_down always says why ("" if nobody said); sa.tunnel_up has no reason.
         event = new_event(kind, distid, tunnel_id=tunnel.id, peer=tunnel.peer,
                           path=tunnel.path, tunnels=len(live),
                           reason=(reason or "") if kind == "sa.tunnel_down" else None)
-        await self.store.sa_update(distid, **fields, events=[event])
+        await self.sa_records.update(distid, **fields, events=[event], release_tunnel=release)
         self.on_events()
         if kind == "sa.tunnel_up":
             await self._reachable(distid)
@@ -532,12 +675,13 @@ class PushEngine(service.Service):
         delay = min(self.settings.retry_cap,
                     self.settings.retry_base * 2 ** max(op.attempts - 1, 0))
         delay *= 0.8 + 0.4 * random.random()  # spread retries of many SAs
-        log.info("push: {op} to {distid} not delivered ({reason}); retry in {d:.0f} s",
-                 op=op.operation_id, distid=op.distribution_id, reason=reason, d=delay)
-        await self.store.transition(
+        log.debug("push: {op} to {distid} not delivered ({reason}); retry in {d:.0f} s",
+                  op=op.operation_id, distid=op.distribution_id, reason=reason, d=delay)
+        if await self.store.transition(
             op.operation_id, expect={SENDING}, state=QUEUED,
             changes={"not_before": self.clock.seconds() + delay, "last_error": reason},
-        )
+        ) is not None:
+            self.metrics.push_requeue(op.operation, "retry")
 
     async def _attempt(self, operation: str, method: str, sending: Awaitable[Any]) -> Any:
         """Await one push attempt, timed into ``armsproxy_push_duration_seconds``: the
@@ -569,7 +713,9 @@ class PushEngine(service.Service):
         if done is not None:
             self.on_events()
             self.metrics.push_final(op.operation, state, all_changes.get("result_code"))
-            (log.info if state == SUCCEEDED else log.warn)(
+            # A success is counted (armsproxy_push_operations_total), not logged above debug;
+            # a failure, expiry or give-up is what an operator must see.
+            (log.debug if state == SUCCEEDED else log.warn)(
                 "push: {op} {operation} for {distid} {state}{why}", op=op.operation_id,
                 operation=op.operation, distid=op.distribution_id, state=state,
                 why=f": {error}" if error else "")
@@ -578,6 +724,8 @@ class PushEngine(service.Service):
     # -- deadlines and restart ----------------------------------------------------------------
     async def _scan_deadlines(self, now: float) -> None:
         for op in await self.store.in_states({SENDING}):
+            if op.claimed_by is not None and op.claimed_by != self.instance_id:
+                continue  # another instance's: its own scan, or a take-over if it died
             # A dispatch that crashed (e.g. the store failed mid-way) leaves "sending" behind;
             # resolve it like an interrupted one once it is clearly not in flight any more.
             if op.distribution_id not in self._sending and now - op.updated_at > 60:
@@ -616,13 +764,36 @@ class PushEngine(service.Service):
         Orders left waiting stay waiting (the stored confirmation counts across a restart;
         tunnels do not survive one), unless their SA is reachable now: a process stopped
         between a confirmation and its release leaves such a one behind.
+
+        With an instance on a shared store, "a previous process" is any instance whose
+        lease expired or that retired; the same take-over runs every ``takeover_every``
+        seconds after (:meth:`_take_over`).
         """
         now = self.clock.seconds()
-        for op in await self.store.in_states({SENDING}):
-            await self._resolve_interrupted(op, now)
+        self._last_takeover = now
+        await self._take_over(now)
         for op in await self.store.waiting():
-            if self._route(op, await self.store.sa_get(op.distribution_id))[2] is None:
+            if self._route(op, await self.sa_records.get(op.distribution_id))[2] is None:
                 await self.store.release_waiting(op.distribution_id, now)
+
+    async def _take_over(self, now: float) -> None:
+        """Resolve what dead instances left ``sending`` (claimed by this one first, so no
+        other survivor resolves it too); at start-up, what the previous process left."""
+        for op in await self.store.take_over(self.instance_id, now):
+            await self._resolve_interrupted(op, now)
+
+    def _lease_regained(self) -> None:
+        """The lease had expired (a survivor took this instance over and released its
+        tunnels): the tunnels it still holds are its own again, their SAs' orders due."""
+        if self.tunnels is None or self.instance_id is None:
+            return
+        for distid in self.tunnels.distids():
+            self._spawn(self._own_tunnel(distid))
+
+    async def _own_tunnel(self, distid: str) -> None:
+        if self.tunnels is not None and self.tunnels.live(distid):
+            await self.sa_records.update(distid, tunnel_owner=self.instance_id)
+            await self._reachable(distid)
 
     async def _resolve_interrupted(self, op: Operation, now: float) -> None:
         spec = ops.OPERATIONS[op.operation]
@@ -631,6 +802,7 @@ class PushEngine(service.Service):
                 op.operation_id, expect={SENDING}, state=QUEUED,
                 changes={"not_before": now, "last_error": "interrupted; re-sent"},
             )
+            self.metrics.push_requeue(op.operation, "interrupted")
             log.info("push: {op} interrupted; re-sending (read-only)", op=op.operation_id)
         elif spec.two_way:
             await self.store.transition(
@@ -646,15 +818,30 @@ class PushEngine(service.Service):
 
     # -- hooks from the SA gate ---------------------------------------------------------------
     def config_relayed(self, distid: str, sa_certificate: str | None, peer: str) -> None:
-        fields: dict[str, Any] = {"last_pull_at": self.clock.seconds(), "last_peer": peer}
+        """A pull was answered: record when, from where, and the SA's certificate.
+
+        Written at once when the certificate (pushes pin it) or the peer's host changed, or
+        when the recorded ``last_pull_at`` is ``pull_record_interval`` (60 s) old or more;
+        otherwise not at all, so that frequent pulls cost no store write. ``sa.status`` then
+        shows a ``last_pull_at`` (and the peer's port) at most that stale. An SA the engine
+        has no record of in memory (first pull, or evicted) is always written.
+        """
+        now = self.clock.seconds()
+        known = self.sa_records.peek(distid)
+        if known is not None and known.last_pull_at is not None \
+                and 0 <= now - known.last_pull_at < self.settings.pull_record_interval \
+                and _host(known.last_peer) == _host(peer) \
+                and (not sa_certificate or sa_certificate == known.sa_certificate):
+            return
+        fields: dict[str, Any] = {"last_pull_at": now, "last_peer": peer}
         if sa_certificate:
             fields["sa_certificate"] = sa_certificate
-        self._spawn(self.store.sa_update(distid, **fields))
+        self._spawn(self.sa_records.update(distid, **fields))
 
     def confirmation_started(self, distid: str, method: str, push_endpoint: str | None,
                              confirmation_id: int, peer: str) -> None:
         if method != "https-simple" or not push_endpoint:
-            self._spawn(self.store.sa_update(distid, push_method=method, last_peer=peer))
+            self._spawn(self.sa_records.update(distid, push_method=method, last_peer=peer))
             return
         url = push_endpoint
         if self.settings.endpoint_from_peer:
@@ -668,13 +855,13 @@ class PushEngine(service.Service):
     async def _confirm(self, distid: str, url: str, confirmation_id: int, peer: str) -> None:
         """Send push-confirmation-done within the SA's 60 s window (§7.2), retrying."""
         started = self.clock.seconds()
-        await self.store.sa_update(distid, push_method="https-simple", push_endpoint=url,
-                                   last_peer=peer, confirmed=False)
+        await self.sa_records.update(distid, push_method="https-simple", push_endpoint=url,
+                                     last_peer=peer, confirmed=False)
         body = ops.build_confirmation_done(distid, confirmation_id)
         last = "not tried"
         while self.clock.seconds() - started < self.settings.confirmation_window:
             key = await self.keys.sa_key(distid)
-            record = await self.store.sa_get(distid)
+            record = await self.sa_records.get(distid)
             if key is None:
                 last = "the RS does not know this device"
                 break
@@ -689,7 +876,7 @@ class PushEngine(service.Service):
             else:
                 if isinstance(message, ArmsResponse) and codes.is_success(message.result_code):
                     now = self.clock.seconds()
-                    await self.store.sa_update(
+                    await self.sa_records.update(
                         distid, confirmed=True, last_confirmation_at=now, events=[new_event(
                             "sa.confirmed", distid, method="https-simple",
                             push_endpoint=url)])
@@ -714,8 +901,25 @@ class PushEngine(service.Service):
 
         Raises if it cannot be committed: the gate then does not answer, and the SA keeps
         the transaction (a configure-done is re-sent; an error code would roll it back).
+
+        Until it returns (and the gate writes the answer, in the same callback), nothing new
+        is sent to its SA over a tunnel: a request written meanwhile would overtake the
+        answer on the tunnel, and one such as configure makes the SA drop the tunnel, the
+        answer unread. (https-simple pushes use connections of their own.)
         """
         distid = request.distribution_id or ""
+        self._answering[distid] += 1
+        try:
+            return await self._done_request(distid, request, raw)
+        finally:
+            self._answering[distid] -= 1
+            if not self._answering[distid]:
+                del self._answering[distid]
+                waiters = self._answer_waiters.pop(distid, None)
+                if waiters:  # after the gate's answer, written when this returns
+                    self.clock.callLater(0, _fire, waiters)
+
+    async def _done_request(self, distid: str, request: ArmsRequest, raw: bytes) -> int:
         tid = request.transaction_id
         xml = raw.decode("ascii", "replace")
         if tid is None:
@@ -729,9 +933,18 @@ class PushEngine(service.Service):
                 op = await self._adoptable(distid, base_type(request.type))
             if op is None:
                 await self._keep_orphan(distid, tid, request.type, raw)
-                log.info("push: {type} {tid} from {distid} before its start answer (or for "
-                         "an operation not started here); kept for reconciliation",
-                         type=request.type, tid=tid, distid=distid)
+                # Routine for 2-way operations (the done overtakes the start answer);
+                # counted in done.orphan.
+                log.debug("push: {type} {tid} from {distid} before its start answer (or "
+                          "for an operation not started here); kept for reconciliation",
+                          type=request.type, tid=tid, distid=distid)
+                if getattr(self.store, "shared", False):
+                    # Another instance may have recorded the start answer after our look and
+                    # taken the orphans before ours was committed (the lock above is this
+                    # process's only): look again, now that it is.
+                    op = await self.store.find_by_sa_transaction(distid, tid)
+                    if op is not None:
+                        await self._apply_orphans(op, tid)
                 return codes.SUCCESS
             await self._apply_done(op, request, xml)
             return codes.SUCCESS

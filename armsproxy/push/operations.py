@@ -515,6 +515,11 @@ def build_request(
     :class:`~armsproxy.arms.codec.UnsafeMessageError` if the device guard refuses the result
     (e.g. a result-url that is not ``https://<literal IP>``).
     """
+    plain = params is None or (type(params) is dict and not params)
+    if plain:
+        cached = _PLAIN_REQUESTS.get((operation, distid, result_url))
+        if cached is not None:
+            return cached
     spec = _spec_for(operation)
     p = validate_order_params(spec.name, params)
     if not isinstance(distid, str) or not is_distid(distid):
@@ -530,7 +535,19 @@ def build_request(
         body=_body(spec.name, p),
         body_tag=spec.body_tag,
     )
-    return serialise(message)
+    request = serialise(message)
+    if plain:
+        if len(_PLAIN_REQUESTS) >= _PLAIN_REQUESTS_MAX:
+            _PLAIN_REQUESTS.clear()
+        _PLAIN_REQUESTS[(operation, distid, result_url)] = request
+    return request
+
+
+#: build_request's answers for orders without params (check-transaction, read-module-list,
+#: dump-debug, reboot, ...): the same bytes for every push of one operation to one SA, so
+#: built (model, lxml, guard) once per SA instead of per push.
+_PLAIN_REQUESTS: dict[tuple[str, str, str | None], bytes] = {}
+_PLAIN_REQUESTS_MAX = 65536
 
 
 def build_confirmation_done(distid: str, confirmation_id: int) -> bytes:

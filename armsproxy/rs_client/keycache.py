@@ -10,8 +10,7 @@ never cached; they propagate so the gate can answer "retry later".
 from __future__ import annotations
 
 import hmac
-from collections import OrderedDict
-from dataclasses import dataclass
+import itertools
 from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred, ensureDeferred
@@ -30,11 +29,17 @@ class SAKeySource(Protocol):
     async def sa_key(self, distid: str) -> str | None: ...
 
 
-@dataclass
 class _Entry:
-    key: str | None  # None: the RS does not know this distid
-    expires: float
-    last_fetch: float  # time of the last RS fetch attempt, for the refetch rate limit
+    """One distid's key. Slotted, and one float when fresh (``last_fetch`` is the very
+    ``fetched_at`` object until a refetch attempt): every SA with a tunnel has one."""
+
+    __slots__ = ("fetched_at", "key", "last_fetch")
+
+    def __init__(self, key: str | None, fetched_at: float) -> None:
+        self.key = key  # None: the RS does not know this distid
+        self.fetched_at = fetched_at
+        #: Time of the last RS fetch attempt, for the refetch rate limit.
+        self.last_fetch = fetched_at
 
 
 def _matches(key: str | None, presented: str) -> bool:
@@ -65,17 +70,33 @@ class KeyCache:
         self._negative_ttl = negative_ttl
         self._refetch_min_interval = refetch_min_interval
         self._max_entries = max_entries
-        self._entries: OrderedDict[str, _Entry] = OrderedDict()
+        #: Fetches landing this close together share one time object (see _fetch_time).
+        self._time_window = min(ttl, negative_ttl, refetch_min_interval) / 16
+        self._last_time: float | None = None
+        # Oldest first: a plain dict keeps insertion order at a third of an OrderedDict's
+        # cost per entry (every SA with a tunnel has one).
+        self._entries: dict[str, _Entry] = {}
         self._inflight: dict[str, list[Deferred[_Entry]]] = {}
 
     def __len__(self) -> int:
         return len(self._entries)
 
+    def matches_cached(self, distid: str, presented_key: str) -> bool:
+        """True if a fresh cached key for ``distid`` is ``presented_key``; False means "ask
+        :meth:`check`" (not cached, expired, or no match: maybe a rotated key). Lets the SA
+        gate skip a coroutine and a Deferred on every pull of a known SA."""
+        entry = self._entries.get(distid)
+        return (entry is not None and self._expires(entry) > self._clock.seconds()
+                and _matches(entry.key, presented_key))
+
+    def _expires(self, entry: _Entry) -> float:
+        return entry.fetched_at + (self._ttl if entry.key is not None else self._negative_ttl)
+
     async def check(self, distid: str, presented_key: str) -> bool:
         """True if ``presented_key`` is the RS's key for ``distid``; RS errors propagate."""
         now = self._clock.seconds()
         entry = self._entries.get(distid)
-        if entry is None or entry.expires <= now:
+        if entry is None or self._expires(entry) <= now:
             entry = await self._fetch(distid)
             return _matches(entry.key, presented_key)
         if _matches(entry.key, presented_key):
@@ -94,7 +115,7 @@ class KeyCache:
     async def sa_key(self, distid: str) -> str | None:
         """The SA's key (cached), for pushes: armsproxy authenticates to the SA with it."""
         entry = self._entries.get(distid)
-        if entry is None or entry.expires <= self._clock.seconds():
+        if entry is None or self._expires(entry) <= self._clock.seconds():
             entry = await self._fetch(distid)
         return entry.key
 
@@ -142,14 +163,27 @@ class KeyCache:
         return None
 
     def _entry_for(self, key: Any) -> _Entry:
+        return _Entry(key, self._fetch_time())
+
+    def _fetch_time(self) -> float:
+        """When a fetch landed. Fetches landing within a sixteenth of the shortest interval
+        the cache keeps share the first one's time (an entry then lasts, and holds off a
+        re-fetch, up to that much less long, never longer): a float is 24 bytes an SA, and
+        SAs come in bursts (the reconnects after a restart)."""
         now = self._clock.seconds()
-        if key is None:
-            return _Entry(None, now + self._negative_ttl, now)
-        return _Entry(key, now + self._ttl, now)
+        last = self._last_time
+        if last is None or not 0 <= now - last < self._time_window:
+            last = self._last_time = now
+        return last
 
     def _store(self, distid: str, entry: _Entry) -> None:
+        self._entries.pop(distid, None)  # in again at the end: the newest
         self._entries[distid] = entry
-        self._entries.move_to_end(distid)
-        while len(self._entries) > self._max_entries:
-            dropped, _ = self._entries.popitem(last=False)
-            _log.debug("SA key cache full, dropped {distid}", distid=dropped)
+        excess = len(self._entries) - self._max_entries
+        if excess > 0:
+            # A sixteenth more than needed: the front of a dict's table fills with the holes
+            # of what was dropped or replaced, and each look for the oldest walks them.
+            for dropped in list(itertools.islice(self._entries,
+                                                 excess + self._max_entries // 16)):
+                del self._entries[dropped]
+                _log.debug("SA key cache full, dropped {distid}", distid=dropped)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextvars
 import inspect
 import re
+import weakref
 from collections.abc import Callable
 from typing import Any, TypeVar
 from xmlrpc import client as xmlrpclib
@@ -47,6 +48,7 @@ from ..push.engine import OrderRejected
 from ..push.operations import to_xmlrpc
 from ..store.model import FINAL, STATES, Operation, SARecord
 from .xmlrpc_parse import MAX_MESSAGE, MAX_SHOWN, CallRefused, bounded, parse_call, shown
+from .xmlrpc_write import dumps_response
 
 log = Logger()
 
@@ -68,6 +70,7 @@ MAX_LOGGED_METHOD = 100  # characters of a method name in a log line
 PARSE_IN_THREAD = 32 * 1024  # bytes
 
 _INT32_MAX = 2**31 - 1
+_INT32_MIN = -(2**31)
 _EPOCH_MAX = 1e15  # seconds (some 30 million years); larger is nonsense, not a time
 _NOT_XML_CHAR = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
 
@@ -195,13 +198,24 @@ def _xml_copy(value: Any) -> Any:
 
 
 def status_struct(op: Operation) -> dict[str, Any]:
-    """``push.status`` of one operation (absent values left out: XML-RPC has no nil)."""
-    struct: dict[str, Any] = {name: getattr(op, name) for name in _STATUS_FIELDS}
-    if op.last_error is not None:
-        struct["last_error"] = _text(op.last_error)
-    struct["forgotten"] = op.forgotten
-    result: dict[str, Any] = to_xmlrpc(struct)
-    return result
+    """``push.status`` of one operation (absent values left out: XML-RPC has no nil).
+
+    ``to_xmlrpc`` of the fields, with the plain values (all of them, in practice) taken as
+    they are: every ``push.list`` poll builds one per unfinished order."""
+    struct: dict[str, Any] = {}
+    for name in _STATUS_FIELDS:
+        value = getattr(op, name)
+        kind = type(value)
+        if value is None:
+            continue
+        if kind is str:
+            struct[name] = _text(value) if name == "last_error" else value
+        elif (kind is int and _INT32_MIN <= value <= _INT32_MAX) or kind is float:
+            struct[name] = value
+        else:
+            struct[name] = to_xmlrpc(value)
+    struct["forgotten"] = to_xmlrpc(op.forgotten)
+    return struct
 
 
 def result_struct(op: Operation) -> dict[str, Any]:
@@ -236,7 +250,25 @@ def sa_struct(record: SARecord) -> dict[str, Any]:
     return struct
 
 
+# A persistent connection's peer (and certificate) never changes: described once per channel.
+_PEERS: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
+
+
 def _describe_peer(request: IRequest) -> str:
+    channel = getattr(request, "channel", None)
+    try:
+        return _PEERS[channel]
+    except (KeyError, TypeError):  # new, or no channel to key on
+        pass
+    peer = _peer_of(request)
+    try:
+        _PEERS[channel] = peer
+    except TypeError:
+        pass
+    return peer
+
+
+def _peer_of(request: IRequest) -> str:
     address = request.getClientAddress()
     if isinstance(address, IPv4Address | IPv6Address):
         peer = f"{address.host}:{address.port}"
@@ -257,6 +289,18 @@ def _describe_peer(request: IRequest) -> str:
     return peer
 
 
+def _arity(signature: inspect.Signature | None) -> tuple[int, int] | None:
+    """(fewest, most) positional arguments ``signature.bind(*args)`` accepts, when that is
+    all there is to it (positional parameters only); None when bind() must decide."""
+    if signature is None:
+        return None
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    if not all(p.kind in positional for p in signature.parameters.values()):
+        return None
+    required = sum(1 for p in signature.parameters.values() if p.default is p.empty)
+    return required, len(signature.parameters)
+
+
 # -- the resource -----------------------------------------------------------------------------
 
 
@@ -272,6 +316,8 @@ class RSGate(xmlrpc.XMLRPC):
         self.store = store
         self.clock = clock
         self._procedures: dict[str, Callable[..., Any]] = {}
+        self._signatures: dict[str, tuple[inspect.Signature | None,
+                                          tuple[int, int] | None]] = {}
         for klass in reversed(type(self).__mro__):  # a subclass may override a method
             for attr, value in vars(klass).items():
                 name = getattr(value, "rpc_name", None)
@@ -331,11 +377,11 @@ class RSGate(xmlrpc.XMLRPC):
             args, name = await self._read_call(body)
             method = bounded(name, MAX_LOGGED_METHOD)  # for log lines
             function = self.lookupProcedure(name)
-            self._check_arguments(method, function, args)
+            self._check_arguments(name, method, function, args)
             result = function(*args)
             if inspect.isawaitable(result):
                 result = await result
-            content = xmlrpclib.dumps((result,), methodresponse=True, allow_none=False)
+            content = dumps_response(result)  # xmlrpc.client's text, faster (xmlrpc_write)
         except xmlrpclib.Fault as fault:
             # Bounded again here: a fault raised elsewhere (the engine's order checks, Twisted)
             # may echo a value of any size.
@@ -377,18 +423,33 @@ class RSGate(xmlrpc.XMLRPC):
             raise _bad("cannot read the XML-RPC call: no methodName")
         return args, method
 
-    @staticmethod
-    def _check_arguments(method: str, function: Callable[..., Any],
+    def _check_arguments(self, name: str, method: str, function: Callable[..., Any],
                          args: tuple[Any, ...]) -> None:
+        # Signatures per method name, computed once: inspect.signature costs more than the
+        # rest of a push.submit's checks (a name not found never gets here); for the usual
+        # positional parameters, just the bounds on their count (bind() costs microseconds).
         try:
-            parameters = inspect.signature(function)
-        except (TypeError, ValueError):
+            parameters, bounds = self._signatures[name]
+        except KeyError:
+            try:
+                parameters = inspect.signature(function)
+            except (TypeError, ValueError):
+                parameters = None
+            bounds = _arity(parameters)
+            self._signatures[name] = parameters, bounds
+        if parameters is None:
             return
-        try:
-            parameters.bind(*args)
-        except TypeError:
-            names = ", ".join(parameters.parameters)
-            raise _bad(f"{method}({names}): got {len(args)} argument(s)") from None
+        if bounds is not None:
+            if bounds[0] <= len(args) <= bounds[1]:
+                return
+        else:
+            try:
+                parameters.bind(*args)
+                return
+            except TypeError:
+                pass
+        names = ", ".join(parameters.parameters)
+        raise _bad(f"{method}({names}): got {len(args)} argument(s)")
 
     # -- arms.* ---------------------------------------------------------------------------------
 
@@ -452,11 +513,12 @@ class RSGate(xmlrpc.XMLRPC):
             raise _bad(str(e)) from None
         if not created:
             self._check_same_order(order, op)
-        log.info("rs gate: {peer} push.submit: {how} {op} ({operation} for {distid}, "
-                 "request_id {rid})", peer=_peer.get(),
-                 how="accepted" if created else "repeated request, already accepted as",
-                 op=op.operation_id, operation=op.operation, distid=op.distribution_id,
-                 rid=op.request_id or "-")
+        # Per order, so debug: armsproxy_push_submitted_total counts them (the engine).
+        log.debug("rs gate: {peer} push.submit: {how} {op} ({operation} for {distid}, "
+                  "request_id {rid})", peer=_peer.get(),
+                  how="accepted" if created else "repeated request, already accepted as",
+                  op=op.operation_id, operation=op.operation, distid=op.distribution_id,
+                  rid=op.request_id or "-")
         return op.operation_id
 
     def _check_same_order(self, order: Any, op: Operation) -> None:
@@ -612,8 +674,12 @@ class RSGate(xmlrpc.XMLRPC):
           push_method      string: https-simple | https-tunnel (from its confirmation)
           push_endpoint    string: URL pushes go to (https-simple)
           confirmed        boolean: push-confirmation succeeded
-          last_pull_at, last_confirmation_at   doubles (epoch seconds)
-          last_peer        string: the address the SA last connected from
+          last_pull_at, last_confirmation_at   doubles (epoch seconds); pulls are
+                           recorded at most once a minute per SA (at once when its
+                           address or certificate changes), so last_pull_at may be up
+                           to 60 s older than the latest pull
+          last_peer        string: the address the SA last connected from (its port
+                           as of last_pull_at)
           tunnels          array of structs: live https-tunnel connections
           has_certificate  boolean: its certificate is known (pushes verify it)
           updated_at       double

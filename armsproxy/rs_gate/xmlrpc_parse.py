@@ -15,16 +15,28 @@ does):
 
 A refusal is a :class:`CallRefused` with a short message; :func:`shown` and :func:`bounded`
 keep every value echoed in a fault or a log line short.
+
+The calls an RS makes all day (``push.submit``, ``push.list``: plain UTF-8 or ASCII, strings,
+ints, structs, arrays) are read first by libxml2 (lxml) and a walk over the few elements, a
+third of the Python work of expat's callbacks (bench/push.py). That path takes only bodies
+with no ``<!`` at all (so no DTD, entity declaration, comment or CDATA), no processing
+instruction but a plain XML declaration, and the elements and types above in their canonical
+shape; on anything else, and on any error, the body is read again as above, so what is
+accepted, refused and said stays exactly what expat and the unmarshaller make of it.
 """
 
 from __future__ import annotations
 
 import math
+import re
 import reprlib
+import threading
 from decimal import Decimal
 from typing import Any
 from xml.parsers import expat
 from xmlrpc import client as xmlrpclib
+
+from lxml import etree
 
 MAX_DEPTH = 64  # elements; a call needs ~17 (an order's params), each nested value adds 3
 MAX_SHOWN = 200  # characters of a value echoed in a fault or a log line
@@ -122,6 +134,15 @@ def parse_call(body: bytes) -> tuple[tuple[Any, ...], str | None]:
     Raises :class:`CallRefused` for what is refused on purpose, and expat's or the
     unmarshaller's own exceptions (many kinds) for a body that is not XML-RPC.
     """
+    if len(body) <= FAST_MAX_BYTES:
+        try:
+            return _parse_plain(body)
+        except _NotPlain:
+            pass
+    return _parse_expat(body)
+
+
+def _parse_expat(body: bytes) -> tuple[tuple[Any, ...], str | None]:
     target = _Unmarshaller()
     parser = expat.ParserCreate(None, None)
     # Set before the first byte is parsed: a DTD is refused where it starts, so none of its
@@ -136,6 +157,112 @@ def parse_call(body: bytes) -> tuple[tuple[Any, ...], str | None]:
     target.xml(None, None)  # as xmlrpc.client.ExpatParser: expat already gives str
     parser.Parse(body, True)
     return target.close(), target.getmethodname()
+
+
+# -- the plain path ----------------------------------------------------------------------------
+
+#: Bodies up to this size may take the plain path (larger ones are parsed in a thread by the
+#: gate, where the expat path keeps its thread-free parser per call).
+FAST_MAX_BYTES = 32 * 1024
+_PLAIN_DECLARATION = re.compile(
+    rb"""<\?xml version=(["'])1\.0\1(?: encoding=(["'])(?i:utf-8|us-ascii)\2)?\s*\?>""")
+_PLAIN_START = re.compile(rb"\s*<methodCall>")
+
+
+class _NotPlain(Exception):
+    """Not for the plain path: the expat path reads the body (and says what is wrong)."""
+
+
+class _Parsers(threading.local):
+    """An lxml parser per thread (lxml parsers are not to be shared between threads)."""
+
+    def __init__(self) -> None:
+        self.parser = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False,
+                                      huge_tree=False, collect_ids=False)
+
+
+_parsers = _Parsers()
+
+
+def _parse_plain(body: bytes) -> tuple[tuple[Any, ...], str | None]:
+    # What the walk below must never see, refused unread: markup declarations, CDATA and
+    # comments ("<!"), processing instructions (but the declaration) and other encodings.
+    if b"<!" in body or b"\x00" in body:
+        raise _NotPlain
+    declaration = _PLAIN_DECLARATION.match(body)
+    start = declaration.end() if declaration is not None else 0
+    if b"<?" in body[start:] or _PLAIN_START.match(body, start) is None:
+        raise _NotPlain
+    try:
+        root = etree.fromstring(body, _parsers.parser)
+    except (etree.XMLSyntaxError, ValueError):
+        raise _NotPlain from None
+    # <methodCall><methodName>NAME</methodName><params><param><value>...</value></param>...
+    # </params></methodCall>; <params> may be missing (no arguments).
+    if root.tag != "methodCall" or not 1 <= len(root) <= 2:
+        raise _NotPlain
+    name_element = root[0]
+    if name_element.tag != "methodName" or len(name_element):
+        raise _NotPlain
+    values: list[Any] = []
+    if len(root) == 2:
+        params = root[1]
+        if params.tag != "params":
+            raise _NotPlain
+        for param in params:
+            if param.tag != "param" or len(param) != 1:
+                raise _NotPlain
+            values.append(_plain_value(param[0], 4))  # methodCall/params/param/value
+    return tuple(values), name_element.text or ""
+
+
+def _plain_value(element: Any, depth: int) -> Any:
+    """One ``<value>`` (the ``depth``-th element down), as the unmarshaller reads it;
+    _NotPlain for anything unusual, and for any value whose elements could reach MAX_DEPTH."""
+    if element.tag != "value" or depth + 3 > MAX_DEPTH:  # value/struct/member/name
+        raise _NotPlain
+    count = len(element)
+    if count == 0:
+        return element.text or ""  # a value without a type is a string
+    if count != 1:
+        raise _NotPlain
+    typed = element[0]
+    tag = typed.tag
+    if tag == "struct":
+        struct: dict[str, Any] = {}
+        for member in typed:
+            if member.tag != "member" or len(member) != 2:
+                raise _NotPlain
+            name, value = member[0], member[1]
+            if name.tag != "name" or len(name):
+                raise _NotPlain
+            struct[name.text or ""] = _plain_value(value, depth + 3)
+        return struct
+    if tag == "array":
+        if len(typed) != 1:
+            raise _NotPlain
+        data = typed[0]
+        if data.tag != "data":
+            raise _NotPlain
+        return [_plain_value(item, depth + 3) for item in data]
+    if len(typed):
+        raise _NotPlain
+    text = typed.text or ""
+    if tag == "string":
+        return text
+    if tag in ("int", "i4"):
+        if len(text) > _INT_CHARS:
+            raise _NotPlain
+        try:
+            number = int(text)
+        except ValueError:
+            raise _NotPlain from None
+        if not -_INT_LIMIT <= number < _INT_LIMIT:
+            raise _NotPlain
+        return number
+    if tag == "boolean" and text in ("0", "1"):
+        return text == "1"
+    raise _NotPlain  # double, base64, dateTime, nil, ...: rare, left to the unmarshaller
 
 
 __all__ = ["MAX_DEPTH", "CallRefused", "bounded", "parse_call", "shown"]

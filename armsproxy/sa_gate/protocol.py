@@ -18,6 +18,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper
 from twisted.python.failure import Failure
 
 from ..arms.framing import ChunkDecoder, FramingError, build_http_error
@@ -57,13 +58,22 @@ Handler = Callable[[GateRequest], Awaitable[bytes]]
 
 
 class TunnelConnection(Interface):
-    """What the gate hands a tunnel connection to (armsproxy.tunnel.TunnelSession)."""
+    """What the gate hands a tunnel connection to (armsproxy.tunnel.TunnelSession).
+
+    One that also has ``dataReceived`` and ``connectionLost`` (the same two, by Twisted's
+    names) becomes the TLS layer's protocol itself (:meth:`SAGateProtocol._hand_over`).
+    """
 
     async def open(self) -> bool: ...
 
     def data_received(self, data: bytes) -> None: ...
 
     def connection_lost(self, reason: Failure | None = None) -> None: ...
+
+
+def _tunnel_open_failed(failure: Failure) -> None:
+    # A function of its own: a lambda would keep the gate's protocol alive (see _hand_over).
+    SAGateProtocol.log.failure("SA gate: tunnel open failed", failure)
 
 
 TunnelOpener = Callable[[Any, list[tuple[str, str]], str, str], TunnelConnection]
@@ -131,15 +141,42 @@ def body_length(headers: list[tuple[str, str]]) -> int | None:
 
 
 class SAGateProtocol(Protocol):
+    """One SA connection: a pull, or the head of an https-tunnel it then hands over.
+
+    Slotted (``transport`` and ``connected`` too, which Twisted sets): a tunnel keeps this
+    object for its whole life, and thousands are idle at once, so no ``__dict__``.
+    """
+
+    __slots__ = (
+        "_answered",
+        "_body",
+        "_buffer",
+        "_chunks",
+        "_content_length",
+        "_deadline",
+        "_handling",
+        "_head",
+        "_lost",
+        "_peer",
+        "_reaper",
+        "_tunnel",
+        "connected",
+        "factory",
+        "transport",
+    )
+
     log = Logger()
 
     def __init__(self, factory: SAGateFactory) -> None:
         self.factory = factory
-        self._buffer = bytearray()
+        self.transport: Any = None
+        self.connected = 0
+        #: Request head, then body; both None once a tunnel has the connection.
+        self._buffer: bytearray | None = bytearray()
         self._head: tuple[str, str, str, list[tuple[str, str]]] | None = None
         self._content_length: int | None = None
         self._chunks: ChunkDecoder | None = None
-        self._body = bytearray()
+        self._body: bytearray | None = bytearray()
         self._deadline: IDelayedCall | None = None
         self._reaper: IDelayedCall | None = None
         self._answered = False
@@ -166,7 +203,9 @@ class SAGateProtocol(Protocol):
             self._reaper.cancel()
         self._reaper = None
         if self._handling is not None and not self._answered:
-            self.log.info("SA {peer} closed the connection before its answer", peer=self._peer)
+            # Per request, and the device's doing: counted, logged at debug only.
+            self.factory.count("answer.peer_closed")
+            self.log.debug("SA {peer} closed the connection before its answer", peer=self._peer)
             self._handling.cancel()
 
     def _cancel_deadline(self) -> None:
@@ -199,15 +238,17 @@ class SAGateProtocol(Protocol):
 
     def _consume(self, data: bytes) -> None:
         if self._head is None:
-            self._buffer += data
-            end = self._buffer.find(b"\r\n\r\n")
+            buffer = self._buffer
+            assert buffer is not None  # None only once a tunnel has the connection
+            buffer += data
+            end = buffer.find(b"\r\n\r\n")
             if end < 0:
-                if len(self._buffer) > MAX_HEAD_BYTES:
+                if len(buffer) > MAX_HEAD_BYTES:
                     raise RequestRejected(431, "request header block too large")
                 return
-            head = bytes(self._buffer[:end])
-            rest = bytes(self._buffer[end + 4 :])
-            self._buffer.clear()
+            head = bytes(buffer[:end])
+            rest = bytes(buffer[end + 4 :])
+            buffer.clear()
             self._start(head)
             if self._tunnel is not None:
                 if rest:
@@ -274,14 +315,31 @@ class SAGateProtocol(Protocol):
         # The tunnel may live for months: keep neither the header block (its Authorization
         # carries the SA's key) nor the request buffers.
         self._head = None
-        self._buffer = self._body = bytearray()
-        self._tunnel = self.factory.tunnel_opener(self.transport, headers, self._peer, path)
+        self._buffer = self._body = None
+        tunnel = self._tunnel = self.factory.tunnel_opener(self.transport, headers, self._peer,
+                                                           path)
         self.factory.count("tunnel.opened")
-        d = defer.ensureDeferred(self._tunnel.open())
-        d.addErrback(lambda f: self.log.failure("SA gate: tunnel open failed", f))
+        self._hand_over(tunnel)
+        d = defer.ensureDeferred(tunnel.open())
+        d.addErrback(_tunnel_open_failed)
+
+    def _hand_over(self, tunnel: TunnelConnection) -> None:
+        """Make ``tunnel`` the protocol of the TLS layer below, if it can be one.
+
+        Thousands of tunnels stay open for months; once the TLS layer calls the tunnel
+        straight, nothing refers to this object any more and its ~0.2 KiB go. Other
+        transports (a test's) keep it, forwarding to the tunnel.
+        """
+        transport = self.transport
+        if (isinstance(transport, ProtocolWrapper) and transport.wrappedProtocol is self
+                and callable(getattr(tunnel, "dataReceived", None))
+                and callable(getattr(tunnel, "connectionLost", None))):
+            transport.wrappedProtocol = tunnel
 
     def _feed_body(self, data: bytes) -> None:
         limits = self.factory.limits
+        body = self._body
+        assert body is not None  # None only once a tunnel has the connection
         if self._chunks is not None:
             try:
                 chunks = self._chunks.feed(data)
@@ -297,14 +355,14 @@ class SAGateProtocol(Protocol):
                 if chunk.end_of_stream:
                     self._dispatch()
                     return
-                self._body += chunk.data
-                if len(self._body) > limits.max_body:
+                body += chunk.data
+                if len(body) > limits.max_body:
                     raise RequestRejected(413, f"chunked body over the {limits.max_body} limit")
             return
         assert self._content_length is not None
-        self._body += data
-        if len(self._body) >= self._content_length:
-            del self._body[self._content_length :]
+        body += data
+        if len(body) >= self._content_length:
+            del body[self._content_length :]
             self._dispatch()
 
     # -- answering ------------------------------------------------------------------------
@@ -312,6 +370,7 @@ class SAGateProtocol(Protocol):
         self._cancel_deadline()
         assert self._head is not None
         method, target, version, headers = self._head
+        assert self._body is not None
         request = GateRequest(
             method=method, target=target, version=version, headers=headers,
             body=bytes(self._body), peer=self._peer,
@@ -367,8 +426,9 @@ class SAGateProtocol(Protocol):
     def _abort_after_answer(self) -> None:
         self._reaper = None
         if not self._lost:
-            self.log.info("SA gate: {peer} did not close after its answer; aborting",
-                          peer=self._peer)
+            self.factory.count("answer.close_aborted")
+            self.log.debug("SA gate: {peer} did not close after its answer; aborting",
+                           peer=self._peer)
             self.transport.abortConnection()
 
     def _peer_certificate(self) -> bytes | None:

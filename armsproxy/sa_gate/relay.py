@@ -46,6 +46,10 @@ PUSH_METHODS = ("https-simple", "https-tunnel")
 
 
 class KeyChecker(Protocol):
+    """What the gate needs to authenticate an SA. A checker may also offer
+    ``matches_cached(distid, key) -> bool`` (KeyCache does): a synchronous "cached and
+    matching" that spares the hot path a coroutine; ``False`` falls back to ``check``."""
+
     async def check(self, distid: str, presented_key: str) -> bool: ...
 
 
@@ -149,8 +153,10 @@ class PullRelay:
             distid, key = basic_credentials(request.header("Authorization"))
         except Unauthorized as e:
             return self._unauthorized(request, str(e))
+        cached = getattr(self.keys, "matches_cached", None)
         try:
-            known = await self._within_budget(self.keys.check(distid, key), request)
+            known = (cached is not None and cached(distid, key)) or \
+                await self._within_budget(self.keys.check(distid, key), request)
         except (RSError, defer.TimeoutError) as e:
             self.stats["rs.unavailable"] += 1
             self.log.error("SA gate: cannot check the key of {distid}: RS unavailable ({e})",
@@ -201,17 +207,23 @@ class PullRelay:
         return build_http_error(400)
 
     async def _within_budget(self, awaitable: object, request: GateRequest) -> object:
-        remaining = self.relay_budget - (self.clock.seconds() - request.received_at)
         d = defer.ensureDeferred(awaitable)  # type: ignore[arg-type]
+        if d.called:  # done at once (a cached key): no timer to set and cancel
+            return await d
+        remaining = self.relay_budget - (self.clock.seconds() - request.received_at)
         d.addTimeout(max(remaining, 0.0), self.clock)
         return await d
 
     async def _relayed(self, distid: str, message: ArmsRequest, request: GateRequest,
                        relay: object) -> bytes:
-        """Run one RS relay; any failure of armsproxy's side becomes 301 (retry later)."""
+        """Run one RS relay; any failure of armsproxy's side becomes 301 (retry later).
+
+        A relay returns its answer as a message, or already serialised (and guarded) when it
+        had to serialise before a side effect: each answer is serialised once."""
         try:
             response = await self._within_budget(relay(distid, message, request), request)  # type: ignore[operator]
-            return build_sa_response(serialise(response))
+            body = response if isinstance(response, bytes) else serialise(response)
+            return build_sa_response(body)
         except (RSError, defer.TimeoutError) as e:
             self.stats["rs.unavailable"] += 1
             self.log.error("SA gate: RS failed for {type} of {distid}: {e!r}; answering 301",
@@ -235,7 +247,7 @@ class PullRelay:
 
     # -- the three pulls --------------------------------------------------------------------
     async def _config_solicitation(self, distid: str, message: ArmsRequest,
-                                   request: GateRequest) -> ArmsResponse:
+                                   request: GateRequest) -> ArmsResponse | bytes:
         body = message.body if isinstance(message.body, ConfigSolicitationRequest) else None
         info = {
             "trigger": body.trigger if body else "",
@@ -247,16 +259,24 @@ class PullRelay:
         answer = await self.rs.config_solicitation(distid, info)
         code = result_code(answer, "arms.config_solicitation answer")
         if not codes.is_success(code):
-            self.log.info("SA gate: RS answered config-solicitation of {distid} with {code}",
-                          distid=distid, code=code)
-            return ArmsResponse(type=message.type, result_code=code,
-                                description=codes.label(code), body=Empty())
+            return self._declined(distid, message, code)
         response_body = config_solicitation_body(answer, self.settings.public_urls)
         response = ArmsResponse(type=message.type, result_code=code, description="OK",
                                 body=response_body)
-        serialise(response)  # raises UnsafeMessageError before any side effect below
+        # Serialised (and guarded) here, once: UnsafeMessageError comes before the side
+        # effect below, and _relayed sends these very bytes.
+        serialised = serialise(response)
         self.hooks.config_relayed(distid, response_body.sa_certificate, request.peer)
-        return response
+        return serialised
+
+    def _declined(self, distid: str, message: ArmsRequest, code: int) -> ArmsResponse:
+        """The RS's own non-success code for a pull, relayed as it is; counted
+        (``rs.declined``), logged at debug only: it is the RS's decision, not a failure."""
+        self.stats["rs.declined"] += 1
+        self.log.debug("SA gate: RS answered {type} of {distid} with {code}",
+                       type=message.type, distid=distid, code=code)
+        return ArmsResponse(type=message.type, result_code=code,
+                            description=codes.label(code), body=Empty())
 
     async def _push_method_query(self, distid: str, message: ArmsRequest,
                                  request: GateRequest) -> ArmsResponse:
@@ -266,8 +286,7 @@ class PullRelay:
         )
         code = result_code(answer, "arms.push_method_query answer")
         if not codes.is_success(code):
-            return ArmsResponse(type=message.type, result_code=code,
-                                description=codes.label(code), body=Empty())
+            return self._declined(distid, message, code)
         rs_answer = push_method_answer(answer)
         preferred = rs_answer.methods or self.settings.default_methods
         tunnel_urls = rs_answer.tunnel_urls or list(self.settings.tunnel_urls)
@@ -306,8 +325,7 @@ class PullRelay:
         )
         code = result_code(answer, "arms.push_confirmation answer")
         if not codes.is_success(code):
-            return ArmsResponse(type=message.type, result_code=code,
-                                description=codes.label(code), body=Empty())
+            return self._declined(distid, message, code)
         confirmation_id = secrets.randbelow(2**31 - 1) + 1
         response = ArmsResponse(type=message.type, result_code=code, description="OK",
                                 transaction_id=confirmation_id, body=Empty())

@@ -206,6 +206,23 @@ MIGRATIONS: list[Step] = [
     # (state, created_at) in order; orders waiting for their SA have an index of their own;
     # the backlog is counted as it changes.
     _FAST_QUEUE,
+    # 6: instances (#12): processes sharing one store, each with a lease it renews; which
+    # instance claimed an operation, which one holds an SA's tunnel. A SQLite store has one
+    # process: the tables are here so that version 6 means the same on both backends.
+    (
+        """CREATE TABLE instances (
+            instance_id TEXT PRIMARY KEY,
+            host TEXT NOT NULL,
+            pid INTEGER NOT NULL,
+            started_at REAL NOT NULL,
+            lease_until REAL NOT NULL
+        )""",
+        "ALTER TABLE operations ADD COLUMN claimed_by TEXT",
+        "ALTER TABLE sa_registry ADD COLUMN tunnel_owner TEXT",
+        # A dead instance's tunnels are released in one index range, not a registry scan.
+        """CREATE INDEX sa_registry_tunnel_owner ON sa_registry(tunnel_owner)
+            WHERE tunnel_owner IS NOT NULL""",
+    ),
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -10,8 +10,9 @@ from __future__ import annotations
 import base64
 import json
 import xmlrpc.client
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, overload
 
 QUEUED = "queued"
 SENDING = "sending"
@@ -61,6 +62,52 @@ def load_json(text: str | None) -> Any:
     return json.loads(text, object_hook=_decode_hook)
 
 
+class RawEntries(Sequence[dict[str, Any]]):
+    """An operation's raw ARMS exchanges, kept as their stored JSON until first used.
+
+    Why: the engine and ``push.status``/``push.list`` read operations all the time and never
+    look at the exchanges; only ``push.result`` does. So a store hands the JSON texts over and
+    they are decoded once, on first access. Compares equal to the list of entries.
+    """
+
+    __slots__ = ("_entries", "_texts")
+
+    def __init__(self, texts: Iterable[str] = ()) -> None:
+        self._texts: list[str] | None = list(texts)
+        self._entries: list[dict[str, Any]] = []
+
+    def _decoded(self) -> list[dict[str, Any]]:
+        if self._texts is not None:
+            self._entries = [load_json(text) for text in self._texts]
+            self._texts = None
+        return self._entries
+
+    @overload
+    def __getitem__(self, index: int) -> dict[str, Any]: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[dict[str, Any]]: ...
+
+    def __getitem__(self, index: int | slice) -> dict[str, Any] | list[dict[str, Any]]:
+        return self._decoded()[index]
+
+    def __len__(self) -> int:
+        return len(self._entries if self._texts is None else self._texts)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return iter(self._decoded())
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, RawEntries | list):
+            return len(self) == len(other) and self._decoded() == list(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]  # mutable contents, like a list
+
+    def __repr__(self) -> str:
+        return repr(self._decoded())
+
+
 @dataclass(slots=True)
 class Operation:
     """One push order and everything learnt while carrying it out (design §5)."""
@@ -85,11 +132,16 @@ class Operation:
     result_code: int | None
     last_error: str | None
     result: dict[str, Any] | None
-    raw: list[dict[str, Any]] = field(default_factory=list)
+    # The ARMS exchanges, oldest first (a list, or the store's lazily decoded RawEntries).
+    raw: Sequence[dict[str, Any]] = field(default_factory=list)
     forgotten: bool = False
     # What a queued order waits for (its SA is not reachable yet), in words; None otherwise.
     # Such an order is not dispatched until its SA becomes reachable (release_waiting).
     waiting_for: str | None = None
+    # The instance (armsproxy process) whose claim moved it to ``sending``; kept after, so a
+    # survivor knows what an instance that died left behind (``take_over``). None: claimed
+    # with no instance id (a store of one process), or never claimed.
+    claimed_by: str | None = None
 
     @property
     def is_final(self) -> bool:
@@ -127,6 +179,9 @@ class SARecord:
     last_peer: str | None = None
     tunnels: list[dict[str, Any]] = field(default_factory=list)
     updated_at: float = 0.0
+    # The instance holding the SA's live tunnel (None: none): only it may claim the SA's
+    # orders, since only it can send them (an order naming sa_url or https-simple excepted).
+    tunnel_owner: str | None = None
 
 
 @dataclass(slots=True)
@@ -165,7 +220,7 @@ OPERATION_COLUMNS: tuple[str, ...] = tuple(
 )
 # Fields ``transition``/``update`` may change; ids, state, raw and forgotten have their own paths.
 MUTABLE_FIELDS: frozenset[str] = frozenset(OPERATION_COLUMNS) - {
-    "operation_id", "request_id", "distribution_id", "state", "forgotten",
+    "operation_id", "request_id", "distribution_id", "state", "forgotten", "claimed_by",
 }
 
 SA_FIELDS: frozenset[str] = frozenset(
@@ -179,5 +234,6 @@ SA_FIELDS: frozenset[str] = frozenset(
         "last_peer",
         "tunnels",
         "updated_at",
+        "tunnel_owner",
     }
 )

@@ -10,6 +10,7 @@ while a COMMIT runs share the next one (:mod:`armsproxy.store.group_commit`).
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import uuid
 from collections.abc import Callable, Collection, Iterator, Sequence
@@ -28,12 +29,14 @@ from armsproxy.store.model import (
     OPERATION_COLUMNS,
     QUEUED,
     SA_FIELDS,
+    SENDING,
     STARTED,
     STATES,
     Event,
     NewOperation,
     Operation,
     OrphanDone,
+    RawEntries,
     SARecord,
     StoreError,
     dump_json,
@@ -48,7 +51,8 @@ _OP_COLUMNS = OPERATION_COLUMNS
 # Hot queries name their index (INDEXED BY): without ANALYZE statistics SQLite's planner
 # prefers an index that saves a sort over one that reads only what is due, and a named index
 # that stops matching the query is an error at once, not a silent full scan at 1M rows.
-_OP_SELECT = "SELECT seq, " + ", ".join(_OP_COLUMNS) + " FROM operations"
+_OP_RETURNING = "seq, " + ", ".join(_OP_COLUMNS)  # what _row_to_op reads, after RETURNING too
+_OP_SELECT = f"SELECT {_OP_RETURNING} FROM operations"
 _DEADLINE_PAGE = 500  # past_deadline's default page
 _JSON_OP_FIELDS = frozenset({"params", "result"})
 _SA_COLUMNS = ("distribution_id", *sorted(SA_FIELDS))
@@ -74,16 +78,18 @@ def _op_value(name: str, value: Any) -> Any:
     return dump_json(value) if name in _JSON_OP_FIELDS and value is not None else value
 
 
-def _row_to_op(row: sqlite3.Row, raw: list[dict[str, Any]]) -> Operation:
-    values = {name: row[name] for name in _OP_COLUMNS}
+def _row_to_op(row: sqlite3.Row, raw: Sequence[str]) -> Operation:
+    """``row``: seq, then _OP_COLUMNS in order (_OP_RETURNING), read by position."""
+    values = dict(zip(_OP_COLUMNS, tuple(row)[1:], strict=True))
     values["params"] = load_json(values["params"])
     values["result"] = load_json(values["result"])
     values["forgotten"] = bool(values["forgotten"])
-    return Operation(**values, raw=raw)
+    return Operation(**values, raw=RawEntries(raw))
 
 
 def _load_ops(conn: sqlite3.Connection, rows: list[sqlite3.Row]) -> list[Operation]:
-    raws: dict[int, list[dict[str, Any]]] = {row["seq"]: [] for row in rows}
+    """Operations of ``rows`` (their ``seq`` first) with their raw entries, still as JSON."""
+    raws: dict[int, list[str]] = {row["seq"]: [] for row in rows}
     for part in _chunks(list(raws)):
         cur = conn.execute(
             f"SELECT op_seq, entry FROM operation_raw WHERE op_seq IN ({_marks(len(part))})"
@@ -91,7 +97,7 @@ def _load_ops(conn: sqlite3.Connection, rows: list[sqlite3.Row]) -> list[Operati
             part,
         )
         for op_seq, entry in cur:
-            raws[op_seq].append(load_json(entry))
+            raws[op_seq].append(entry)
     return [_row_to_op(row, raws[row["seq"]]) for row in rows]
 
 
@@ -135,7 +141,13 @@ def _row_to_sa(row: sqlite3.Row) -> SARecord:
 
 
 class SQLiteStore:
-    """:class:`~armsproxy.store.interface.Store` on a local SQLite file."""
+    """:class:`~armsproxy.store.interface.Store` on a local SQLite file.
+
+    One process uses it: instances are recorded (schema 6 is the same on both backends) but
+    every other instance is dead to this one, leadership is always its own and nobody
+    listens to announcements."""
+
+    shared = False
 
     def __init__(
         self,
@@ -329,6 +341,19 @@ class SQLiteStore:
     async def next_dispatchable(self, now: float, limit: int) -> list[Operation]:
         return await self._run("next_dispatchable", _next_dispatchable, now, int(limit))
 
+    async def claim_dispatchable(self, now: float, limit: int, *,
+                                 busy: Collection[str] = (),
+                                 instance_id: str | None = None) -> list[Operation]:
+        if limit <= 0:
+            return []
+        return await self._run("claim_dispatchable", _claim_dispatchable, now, int(limit),
+                               sorted(busy), instance_id)
+
+    async def take_over(self, instance_id: str | None, now: float) -> list[Operation]:
+        if instance_id is None:
+            return await self.in_states({SENDING})
+        return await self._run("take_over", _take_over, instance_id)
+
     async def in_states(self, states: Collection[str]) -> list[Operation]:
         states = list(states)
         sql = f"{_OP_SELECT} WHERE state IN ({_marks(len(states))}) ORDER BY seq"
@@ -368,12 +393,12 @@ class SQLiteStore:
         return await self._run("sa_get", _sa_get, distribution_id)
 
     async def sa_update(self, distribution_id: str, *, events: Sequence[dict[str, Any]] = (),
-                        **fields: Any) -> SARecord:
+                        release_tunnel: str | None = None, **fields: Any) -> SARecord:
         _check_fields(fields, SA_FIELDS, "SA registry")
         now = self._now()
         fields.setdefault("updated_at", now)
         return await self._run("sa_update", _sa_update, distribution_id, fields, list(events),
-                               now)
+                               now, release_tunnel)
 
     async def sa_list(
         self, *, limit: int = 100, offset: int = 0, confirmed: bool | None = None
@@ -396,6 +421,28 @@ class SQLiteStore:
 
     async def backlog(self) -> dict[str, int]:
         return await self._run("backlog", _backlog)
+
+    # -- instances (one process: see the class doc) ---------------------------------------
+
+    async def register_instance(self, instance_id: str, *, host: str, pid: int, now: float,
+                                lease_until: float) -> bool:
+        return await self._run("register_instance", _register_instance,
+                               (instance_id, host, int(pid), now, lease_until))
+
+    async def retire_instance(self, instance_id: str) -> None:
+        await self._run("retire_instance", _retire_instance, instance_id)
+
+    async def lead(self) -> bool:
+        return True
+
+    async def resign(self) -> None:
+        return None
+
+    async def announce(self, topic: str) -> None:
+        return None
+
+    async def listen(self, callback: Callable[[str], None]) -> None:
+        return None
 
     # -- orphan done-requests -------------------------------------------------------------
 
@@ -448,11 +495,12 @@ def _submit(
 ) -> tuple[Operation, bool]:
     params = dump_json(new.params)
     # The UNIQUE constraint decides, not a prior SELECT: safe against any concurrency.
-    cur = conn.execute(
+    # RETURNING gives the stored row in the same statement (nothing when it was a repeat).
+    rows = conn.execute(
         "INSERT INTO operations (operation_id, request_id, distribution_id, operation,"
         " params, sa_url, method, state, attempts, created_at, updated_at, not_before,"
         " expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?, ?)"
-        " ON CONFLICT (request_id) DO NOTHING",
+        f" ON CONFLICT (request_id) DO NOTHING RETURNING {_OP_RETURNING}",
         (
             operation_id,
             new.request_id,
@@ -467,15 +515,13 @@ def _submit(
             now,
             new.expires_at,
         ),
-    )
-    created = cur.rowcount == 1
-    if created:
-        op = _get_op(conn, "operation_id = ?", (operation_id,))
-    else:
-        op = _get_op(conn, "request_id = ?", (new.request_id,))
-    if op is None:  # pragma: no cover - the row was just written or found by the constraint
+    ).fetchall()  # a RETURNING statement must run to completion before COMMIT
+    if rows:
+        return _row_to_op(rows[0], ()), True  # new: no raw entries yet
+    op = _get_op(conn, "request_id = ?", (new.request_id,))
+    if op is None:  # pragma: no cover - the constraint found it
         raise StoreError("submitted operation vanished")
-    return op, created
+    return op, False
 
 
 def _transition(
@@ -502,8 +548,9 @@ def _transition(
     if expect is not None:
         sql += f" AND state IN ({_marks(len(expect))})"
         args.extend(expect)
-    # fetchall: a RETURNING statement must run to completion before COMMIT.
-    rows = conn.execute(sql + " RETURNING seq", args).fetchall()
+    # The row as changed comes back with the change (one statement, no re-read); fetchall:
+    # a RETURNING statement must run to completion before COMMIT.
+    rows = conn.execute(f"{sql} RETURNING {_OP_RETURNING}", args).fetchall()
     if not rows:
         return None
     row = rows[0]
@@ -512,7 +559,10 @@ def _transition(
             "INSERT INTO operation_raw (op_seq, entry) VALUES (?, ?)", (row[0], dump_json(raw))
         )
     _insert_events(conn, events, operation_id, now)
-    return _get_op(conn, "seq = ?", (row[0],))
+    # The raw entries as JSON (operation_raw_op: one index range), decoded only if used.
+    entries = [r[0] for r in conn.execute(
+        "SELECT entry FROM operation_raw WHERE op_seq = ? ORDER BY id", (row[0],))]
+    return _row_to_op(row, entries)
 
 
 def _list_sql(distribution_id: str | None, states: Collection[str] | None,
@@ -565,20 +615,52 @@ def _past_deadline(conn: sqlite3.Connection, now: float, limit: int) -> list[Ope
     return _load_ops(conn, rows)
 
 
-def _next_dispatchable(conn: sqlite3.Connection, now: float, limit: int) -> list[Operation]:
-    # The head of an SA's queue is its oldest queued operation (sa_queues, kept by triggers).
-    # An SA with anything `sending` is skipped whole (one send at a time, nothing overtakes),
-    # and so is one whose head waits for the SA (release_waiting lets it go) or is not due
-    # yet; `started` blocks nothing. sa_queues_ready holds only SAs neither busy nor waiting,
-    # by the head's not_before: the pick reads the `limit` due longest and stops.
-    columns = ", ".join(f"op.{name}" for name in ("seq", *_OP_COLUMNS))
-    sql = f"""
+def _heads_sql(columns: str, busy: bool) -> str:
+    """The dispatch pick: args ``now[, busy as a JSON array], limit``.
+
+    The head of an SA's queue is its oldest queued operation (sa_queues, kept by triggers).
+    An SA with anything `sending` is skipped whole (one send at a time, nothing overtakes),
+    and so is one whose head waits for the SA (release_waiting lets it go) or is not due
+    yet; `started` blocks nothing. sa_queues_ready holds only SAs neither busy nor waiting,
+    by the head's not_before: the pick reads the `limit` due longest (plus the caller's busy
+    ones it skips) and stops. ``busy`` is one bound JSON array, whatever its length.
+    """
+    skip = " AND q.distribution_id NOT IN (SELECT value FROM json_each(?))" if busy else ""
+    return f"""
         SELECT {columns} FROM sa_queues AS q INDEXED BY sa_queues_ready
         CROSS JOIN operations AS op ON op.seq = q.head_seq
         WHERE q.head_seq IS NOT NULL AND q.waiting = 0 AND q.busy = 0 AND q.not_before <= ?
-            AND op.state = '{QUEUED}'
+            AND op.state = '{QUEUED}'{skip}
         ORDER BY q.not_before, q.head_seq LIMIT ?"""
-    rows = conn.execute(sql, (now, limit)).fetchall()
+
+
+def _heads_args(now: float, limit: int, busy: Sequence[str]) -> list[Any]:
+    return [now, json.dumps(list(busy)), limit] if busy else [now, limit]
+
+
+def _next_dispatchable(conn: sqlite3.Connection, now: float, limit: int) -> list[Operation]:
+    columns = ", ".join(f"op.{name}" for name in ("seq", *_OP_COLUMNS))
+    rows = conn.execute(_heads_sql(columns, False), _heads_args(now, limit, ())).fetchall()
+    return _load_ops(conn, rows)
+
+
+def _claim_dispatchable(conn: sqlite3.Connection, now: float, limit: int,
+                        busy: list[str], instance_id: str | None) -> list[Operation]:
+    """The pick of _next_dispatchable, moved to `sending` in the same transaction: nobody
+    else (another store, another process) can pick or cancel them in between."""
+    seqs = [r[0] for r in conn.execute(_heads_sql("op.seq", bool(busy)),
+                                       _heads_args(now, limit, busy))]
+    rows: list[sqlite3.Row] = []
+    for part in _chunks(seqs):
+        rows += conn.execute(
+            # NOT INDEXED: by rowid; the planner would take the state index (every queued row).
+            f"UPDATE operations NOT INDEXED SET state = '{SENDING}', attempts = attempts + 1,"
+            f" updated_at = ?, claimed_by = ? WHERE seq IN ({_marks(len(part))})"
+            f" AND state = '{QUEUED}' RETURNING {_OP_RETURNING}",
+            (now, instance_id, *part),
+        ).fetchall()
+    place = {seq: i for i, seq in enumerate(seqs)}
+    rows.sort(key=lambda row: place[row[0]])  # RETURNING order is unspecified
     return _load_ops(conn, rows)
 
 
@@ -629,24 +711,29 @@ def _sa_get(conn: sqlite3.Connection, distribution_id: str) -> SARecord | None:
 
 
 def _sa_update(conn: sqlite3.Connection, distribution_id: str, fields: dict[str, Any],
-               events: list[dict[str, Any]], now: float) -> SARecord:
+               events: list[dict[str, Any]], now: float,
+               release_tunnel: str | None = None) -> SARecord:
     values = dict(fields)
     if "tunnels" in values:
         values["tunnels"] = dump_json(values["tunnels"] or [])
     if "confirmed" in values:
         values["confirmed"] = int(bool(values["confirmed"]))
     names = list(values)
-    conn.execute(
+    sets = [f"{n} = excluded.{n}" for n in names]
+    args: list[Any] = [distribution_id, *values.values()]
+    if release_tunnel is not None and "tunnel_owner" not in values:
+        sets.append("tunnel_owner = CASE WHEN sa_registry.tunnel_owner = ? THEN NULL"
+                    " ELSE sa_registry.tunnel_owner END")
+        args.append(release_tunnel)
+    rows = conn.execute(
         f"INSERT INTO sa_registry (distribution_id, {', '.join(names)})"
         f" VALUES (?, {_marks(len(names))})"
-        " ON CONFLICT (distribution_id) DO UPDATE SET "
-        + ", ".join(f"{n} = excluded.{n}" for n in names),
-        (distribution_id, *values.values()),
-    )
+        " ON CONFLICT (distribution_id) DO UPDATE SET " + ", ".join(sets)
+        + f" RETURNING {', '.join(_SA_COLUMNS)}",  # the record as stored, no re-read
+        args,
+    ).fetchall()
     _insert_events(conn, events, None, now)
-    record = _sa_get(conn, distribution_id)
-    assert record is not None
-    return record
+    return _row_to_sa(rows[0])
 
 
 def _sa_list(
@@ -659,6 +746,40 @@ def _sa_list(
         args.append(int(confirmed))
     sql += " ORDER BY distribution_id LIMIT ? OFFSET ?"
     return [_row_to_sa(r) for r in conn.execute(sql, [*args, limit, offset])]
+
+
+def _take_over(conn: sqlite3.Connection, instance_id: str) -> list[Operation]:
+    """One process: every other instance is dead, its tunnels released, its `sending`
+    operations (and any claimed by none) now ``instance_id``'s."""
+    conn.execute("DELETE FROM instances WHERE instance_id <> ?", (instance_id,))
+    conn.execute("UPDATE sa_registry INDEXED BY sa_registry_tunnel_owner SET tunnel_owner = NULL"
+                 " WHERE tunnel_owner IS NOT NULL AND tunnel_owner <> ?", (instance_id,))
+    rows = conn.execute(
+        f"UPDATE operations SET claimed_by = ? WHERE state = '{SENDING}'"
+        f" AND claimed_by IS NOT ? RETURNING {_OP_RETURNING}",
+        (instance_id, instance_id),
+    ).fetchall()
+    rows.sort(key=lambda row: row["seq"])  # RETURNING order is unspecified
+    return _load_ops(conn, rows)
+
+
+def _register_instance(conn: sqlite3.Connection, row: tuple[Any, ...]) -> bool:
+    instance_id, host, pid, now, lease_until = row
+    there = conn.execute("SELECT 1 FROM instances WHERE instance_id = ?",
+                         (instance_id,)).fetchone() is not None
+    conn.execute(
+        "INSERT INTO instances (instance_id, host, pid, started_at, lease_until)"
+        " VALUES (?, ?, ?, ?, ?) ON CONFLICT (instance_id) DO UPDATE SET"
+        " lease_until = excluded.lease_until",
+        (instance_id, host, pid, now, lease_until),
+    )
+    return there
+
+
+def _retire_instance(conn: sqlite3.Connection, instance_id: str) -> None:
+    conn.execute("DELETE FROM instances WHERE instance_id = ?", (instance_id,))
+    conn.execute("UPDATE sa_registry SET tunnel_owner = NULL WHERE tunnel_owner = ?",
+                 (instance_id,))
 
 
 def _add_events(conn: sqlite3.Connection, events: list[dict[str, Any]], now: float) -> None:

@@ -7,21 +7,29 @@ the SA's chunk stream with :class:`~armsproxy.arms.framing.TunnelReader`, answer
 once, runs the confirmation (§9.4), answers done-requests with their transaction-id (§6.5),
 and sends the push engine's requests one at a time (§9.7), one chunk per transport write.
 
-Many thousands of these live in one process, mostly idle, so per-tunnel state is a handful of
-slots, one ``callLater`` (confirmation deadline, then echo watchdog, moved with ``reset``) and
-no buffers or queues allocated while nothing is in flight.
+Many thousands of these live in one process, mostly idle, so an idle tunnel holds a handful
+of slots and nothing else: no reader (one exists only while a chunk or message is half
+received), no buffers or queues, no copy of what was written, and no ``DelayedCall`` of its
+own. Its one deadline at a time (confirmation step, echo watchdog, the request in flight,
+the close grace) is an entry in the registry's :class:`~armsproxy.tunnel.timers.Deadlines`,
+which runs every tunnel's deadlines on one timer. Each message is parsed once; routine events
+are counted (:class:`~armsproxy.tunnel.registry.TunnelRegistry` ``stats``) rather than
+logged.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import random
+import sys
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet import defer
-from twisted.internet.interfaces import IDelayedCall, IReactorTime, ITransport
+from twisted.internet.interfaces import IReactorTime, ITransport
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -31,7 +39,7 @@ from ..arms.codec import (
     MessageError,
     UnsafeMessageError,
     parse_element,
-    parse_message,
+    schema_problem,
     serialise,
 )
 from ..arms.distid import is_distid
@@ -47,10 +55,15 @@ from ..arms.framing import (
     TunnelMessage,
     TunnelReader,
     build_http_error,
-    encode_chunk,
-    new_chunk_id,
 )
-from ..arms.messages import ArmsMessage, ArmsRequest, ArmsResponse, Empty, is_done_type
+from ..arms.messages import (
+    ArmsMessage,
+    ArmsRequest,
+    ArmsResponse,
+    Empty,
+    decode_element,
+    is_done_type,
+)
 from .api import (
     TunnelAnswer,
     TunnelBusy,
@@ -59,6 +72,7 @@ from .api import (
     TunnelTimeout,
 )
 from .registry import TunnelRegistry
+from .timers import EPSILON, Deadlines, Entry
 
 __all__ = ["TunnelLimits", "TunnelSession", "parse_basic_authorization"]
 
@@ -67,6 +81,9 @@ _NEW, _AUTH, _OPEN, _CONFIRMING, _CONFIRM_WAIT, _READY, _REFUSED, _CLOSED = rang
 _STATE_NAMES = ("new", "authenticating", "open", "confirming", "confirm-wait", "ready",
                 "refused", "closed")
 _WWW_AUTHENTICATE = (("WWW-Authenticate", 'Basic realm="arms"'),)
+#: Chunk ids only tell one message's chunks from another's (§9.3): they need to be fresh, not
+#: secret, and the operating system's random source costs a system call per message.
+_chunk_ids = random.Random()
 
 
 @dataclass(slots=True, frozen=True)
@@ -96,6 +113,10 @@ class TunnelLimits:
     max_queue: int = 100
 
 
+#: Shared by every tunnel built without limits of its own (one object, not one per tunnel).
+_DEFAULT_LIMITS = TunnelLimits()
+
+
 def parse_basic_authorization(header: str | None) -> tuple[str | None, str | None]:
     """``Authorization: Basic base64(distid:key)`` -> (distid, key); (None, None) if unusable.
 
@@ -120,14 +141,15 @@ def parse_basic_authorization(header: str | None) -> tuple[str | None, str | Non
 class _Pending:
     """One request from the push engine, waiting in the FIFO or outstanding."""
 
-    __slots__ = ("_on_cancel", "abandoned", "deferred", "sent_at", "timeout", "timer", "xml")
+    __slots__ = ("_on_cancel", "abandoned", "deferred", "due", "sent_at", "timeout", "xml")
 
     def __init__(self, xml: bytes, timeout: float, on_cancel: Callable[[_Pending], None]) -> None:
         self.xml = xml
         self.timeout = timeout
         self.deferred: defer.Deferred[TunnelAnswer] = defer.Deferred(self._cancelled)
         self.sent_at = 0.0
-        self.timer: IDelayedCall | None = None
+        #: When the SA's answer is late (clock time), once written.
+        self.due = 0.0
         self.abandoned = False
         self._on_cancel = on_cancel
 
@@ -135,37 +157,90 @@ class _Pending:
         self._on_cancel(self)
 
 
+class _Room:
+    """What the tunnels of one gate share: one object and one slot a tunnel, not five."""
+
+    __slots__ = ("__weakref__", "clock", "deadlines", "hooks", "limits", "registry")
+
+    def __init__(self, hooks: TunnelHooks, registry: TunnelRegistry, clock: IReactorTime,
+                 limits: TunnelLimits) -> None:
+        self.hooks = hooks
+        self.registry = registry
+        self.clock = clock
+        self.limits = limits
+        self.deadlines: Deadlines = registry.deadlines(clock)
+
+
+#: The rooms in use, by the identities of what they hold (which a room keeps alive, so an
+#: identity cannot be reused while its room exists); a room goes with its last tunnel.
+_rooms: weakref.WeakValueDictionary[tuple[int, int, int, int], _Room] = (
+    weakref.WeakValueDictionary())
+
+
+def _room(hooks: TunnelHooks, registry: TunnelRegistry, clock: IReactorTime,
+          limits: TunnelLimits) -> _Room:
+    key = (id(hooks), id(registry), id(clock), id(limits))
+    room = _rooms.get(key)
+    if room is None:
+        room = _rooms[key] = _Room(hooks, registry, clock, limits)
+    return room
+
+
+class _Setup:
+    """What a tunnel holds only while it opens or confirms (or once it closed): one slot of
+    the session's, not six, for the months it stays idle in between."""
+
+    __slots__ = ("close_reason", "confirmation_id", "early", "held", "hook_call", "key")
+
+    def __init__(self) -> None:
+        self.close_reason: str | None = None
+        self.key: str | None = None
+        self.early: bytearray | None = None
+        self.held: list[bytes] | None = None
+        self.hook_call: defer.Deferred[Any] | None = None
+        self.confirmation_id: int | None = None
+
+
+def _setup_field(name: str) -> Any:
+    """A session attribute kept in its :class:`_Setup`, made when a value is first set."""
+
+    def get(self: TunnelSession) -> Any:
+        setup = self._setup
+        return None if setup is None else getattr(setup, name)
+
+    def set_(self: TunnelSession, value: Any) -> None:
+        setup = self._setup
+        if setup is None:
+            if value is None:
+                return
+            setup = self._setup = _Setup()
+        setattr(setup, name, value)
+
+    return property(get, set_)
+
+
 class TunnelSession:
     """The server side of one tunnel; also the :class:`~armsproxy.tunnel.api.Tunnel` the push
     engine sends through once it is confirmed."""
 
     __slots__ = (
-        "_announced",
-        "_confirmation_id",
         "_current",
-        "_early",
-        "_held",
-        "_hook_call",
-        "_key",
+        "_due",
         "_lost",
         "_queue",
         "_reader",
-        "_reaper",
+        "_room",
+        "_setup",
         "_state",
-        "_timer",
-        "clock",
-        "close_reason",
         "confirmed_at",
+        "deadline_entry",
         "distid",
         "echo_interval",
-        "hooks",
         "id",
         "last_seen",
-        "limits",
         "opened_at",
         "path",
         "peer",
-        "registry",
         "transport",
     )
 
@@ -187,37 +262,71 @@ class TunnelSession:
     ) -> None:
         self.transport = transport
         self.distid = distid or ""
+        #: The opening's and confirmation's state (see _Setup); None once confirmed.
+        self._setup: _Setup | None = None
         self._key = key
         self.peer = peer
-        self.path = path
-        self.hooks = hooks
-        self.registry = registry
-        self.clock = clock
+        self.path = sys.intern(path)  # a handful of tunnel URLs: one string each
+        self._room = _room(hooks, registry, clock, limits or _DEFAULT_LIMITS)
         self.echo_interval = echo_interval
-        self.limits = limits or TunnelLimits()
         self.id = registry.next_id()
         self.opened_at = clock.seconds()
         self.confirmed_at: float | None = None
         self.last_seen = self.opened_at
-        self.close_reason: str | None = None
         self._state = _NEW
         self._reader: TunnelReader | None = None
-        self._timer: IDelayedCall | None = None
+        #: The current state's deadline (confirmation step, echo watchdog, close grace).
+        self._due: float | None = None
+        #: Our entry in ``_deadlines`` (see :class:`~armsproxy.tunnel.timers.Deadlines`).
+        self.deadline_entry: Entry | None = None
         self._queue: list[_Pending] | None = None
         self._current: _Pending | None = None
-        self._early: bytearray | None = None
-        self._held: list[bytes] | None = None
-        self._hook_call: defer.Deferred[Any] | None = None
-        self._confirmation_id: int | None = None
-        self._announced = False
         self._lost = False
-        self._reaper: IDelayedCall | None = None
+
+    # Kept in self._setup, which exists only while one of them is set.
+    _key: str | None = _setup_field("key")  # type: ignore[assignment]
+    #: Bytes that came before the 200 header was written.
+    _early: bytearray | None = _setup_field("early")  # type: ignore[assignment]
+    #: Answers to done-requests waiting for the confirmation to end.
+    _held: list[bytes] | None = _setup_field("held")  # type: ignore[assignment]
+    #: The key check or confirmation relay under way.
+    _hook_call: defer.Deferred[Any] | None = _setup_field("hook_call")  # type: ignore[assignment]
+    _confirmation_id: int | None = _setup_field("confirmation_id")  # type: ignore[assignment]
+    #: Why the tunnel closed (or the confirmation was refused); None while it is up.
+    close_reason: str | None = _setup_field("close_reason")  # type: ignore[assignment]
+
+    def _drop_setup(self) -> None:
+        """Forget the opening's state once none of it is left (an idle tunnel has none)."""
+        setup = self._setup
+        if setup is not None and setup.key is setup.early is setup.held is setup.hook_call \
+                is setup.confirmation_id is setup.close_reason is None:
+            self._setup = None
 
     def __repr__(self) -> str:
         return (f"<TunnelSession {self.id} {self.distid or '?'} from {self.peer} "
                 f"{self.state}>")
 
     # -- what the push engine and the registry read ------------------------------------------
+    @property
+    def hooks(self) -> TunnelHooks:
+        return self._room.hooks
+
+    @property
+    def registry(self) -> TunnelRegistry:
+        return self._room.registry
+
+    @property
+    def clock(self) -> IReactorTime:
+        return self._room.clock
+
+    @property
+    def limits(self) -> TunnelLimits:
+        return self._room.limits
+
+    @property
+    def _deadlines(self) -> Deadlines:
+        return self._room.deadlines
+
     @property
     def state(self) -> str:
         return _STATE_NAMES[self._state]
@@ -292,17 +401,13 @@ class TunnelSession:
             self._refuse(503, f"this process already holds {self.registry.max_tunnels} tunnels")
             return False
         self._state = _OPEN
-        self._reader = TunnelReader(
-            max_chunk_size=self.limits.max_chunk_size,
-            max_message_size=self.limits.max_message_size,
-            max_pending_messages=self.limits.max_pending_messages,
-        )
         # One write, nothing else until the SA's first chunk (§9.1 step 3).
         self.transport.write(TUNNEL_OPEN_RESPONSE)
-        self._timer = self.clock.callLater(self.limits.confirmation_timeout, self._timer_fired)
+        self._set_due(self.limits.confirmation_timeout)
         self.log.debug("tunnel {id}: opened by {distid} from {peer}",
                        id=self.id, distid=self.distid, peer=self.peer)
         early, self._early = self._early, None
+        self._drop_setup()
         if early:
             self._receive(bytes(early))
         return True
@@ -313,6 +418,8 @@ class TunnelSession:
         self._state = _CLOSED
         self.close_reason = reason
         self._early = None
+        self._due = None
+        Deadlines.disarm(self)
         self._cancel_hook_call()
         if not self._lost:
             extra = _WWW_AUTHENTICATE if status == 401 else ()
@@ -336,16 +443,26 @@ class TunnelSession:
 
     def connection_lost(self, reason: Failure | None = None) -> None:
         self._lost = True
-        if self._reaper is not None and self._reaper.active():
-            self._reaper.cancel()
-        self._reaper = None
-        if self._state != _CLOSED:
+        if self._state == _CLOSED:
+            self._due = None  # no close grace to watch any more
+            Deadlines.disarm(self)
+        else:
             detail = reason.getErrorMessage() if reason is not None else "no reason"
             self._shutdown(f"connection lost ({detail})", send_end=False)
 
+    # By Twisted's names too: the SA gate makes the session the TLS layer's protocol.
+    dataReceived = data_received
+    connectionLost = connection_lost
+
     def _receive(self, data: bytes) -> None:
         reader = self._reader
-        assert reader is not None
+        if reader is None:  # made for this read, kept only while a chunk or message is open
+            limits = self.limits
+            reader = self._reader = TunnelReader(
+                max_chunk_size=limits.max_chunk_size,
+                max_message_size=limits.max_message_size,
+                max_pending_messages=limits.max_pending_messages,
+            )
         try:
             chunks = reader.decoder.feed(data)
         except FramingError as e:
@@ -371,35 +488,41 @@ class TunnelSession:
                 if self._state == _CLOSED:
                     return
                 self._event(event)
+        if self._reader is reader and reader.idle:
+            self._reader = None  # on a chunk boundary, no message open: nothing to keep
 
     def _event(self, event: TunnelEvent) -> None:
         if isinstance(event, EchoRequest):
             # At once, ahead of anything else (§9.5); only echoes keep the SA's watchdog happy.
             self.transport.write(ECHO_RESPONSE)
+            self.registry.stats["echo"] += 1
             if self._state == _READY:
-                self._set_timer(self._echo_deadline())
+                # Later only: the deadline entry already in the heap re-arms itself when due.
+                self._due = self.last_seen + self._echo_deadline()
         elif isinstance(event, EndOfStream):
             self._shutdown("closed by the SA", send_end=False)
         elif isinstance(event, EchoResponse):
-            self.log.debug("tunnel {id}: ignoring an echo-response from the SA", id=self.id)
+            self.registry.stats["echo_response_ignored"] += 1
         else:
             self._message(event.body)
 
     def _message(self, body: bytes) -> None:
         if self._state == _OPEN:
-            self._set_timer(self.limits.confirmation_timeout)
+            self._set_due(self.limits.confirmation_timeout)
         elif self._state == _REFUSED:
             return  # the SA is about to drop this tunnel; nothing more to do here
         if not body:
             self._answer(b"", None, None)
             return
         try:
-            message, problem = self._decode(body)
+            root = parse_element(body, max_bytes=self.limits.max_message_size,
+                                 ascii_text=True)
         except MessageError as e:
             self._fail(f"refused message ({e.reason}): {e.detail}")
             return
+        message, problem = _decode(root)
         if message is None:
-            if _is_response(body):
+            if len(root) == 1 and root[0].tag == "arms-response":
                 self._answer(body, None, problem)
             else:
                 self._fail(f"unreadable request: {problem}")
@@ -423,25 +546,6 @@ class TunnelSession:
         else:
             self._fail(f"unexpected request type {message.type!r} from the SA")
 
-    def _decode(self, body: bytes) -> tuple[ArmsMessage | None, str | None]:
-        """Strict (XSD) first; a device message outside the schema is still taken when the
-        model can read it, since the device is the authority on what it writes. Hostile or
-        malformed XML raises MessageError."""
-        limit = self.limits.max_message_size
-        try:
-            return parse_message(body, max_bytes=limit, ascii_text=True), None
-        except MessageError as e:
-            if e.reason not in ("schema", "invalid-value"):
-                raise
-            problem = str(e)
-        try:
-            return parse_message(body, validate=False, max_bytes=limit,
-                                 ascii_text=True), problem
-        except MessageError as e:
-            if e.reason != "invalid-value":
-                raise
-            return None, str(e)
-
     # -- confirmation (§9.4) --------------------------------------------------------------------
     def _confirmation_start(self, request: ArmsRequest) -> None:
         if self._state not in (_OPEN, _READY):
@@ -450,7 +554,7 @@ class TunnelSession:
         if self._state == _READY:
             self.log.info("tunnel {id}: {distid} confirms again", id=self.id, distid=self.distid)
         self._state = _CONFIRMING
-        self._set_timer(self.limits.confirmation_timeout)
+        self._set_due(self.limits.confirmation_timeout)
         call = defer.ensureDeferred(self.hooks.confirmation_start(self.distid, request, self.peer))
         self._hook_call = call
         call.addCallbacks(self._confirmation_answered, self._confirmation_failed)
@@ -483,13 +587,13 @@ class TunnelSession:
                           id=self.id, distid=self.distid, code=response.result_code)
             self._state = _REFUSED
             self.close_reason = f"confirmation refused ({response.result_code})"
-            self._set_timer(self.limits.close_grace)
+            self._set_due(self.limits.close_grace)
             return
         # Must be the very next message the SA gets after the answer (§7.2, §9.4).
         self._write_message(done)
         self._confirmation_id = response.transaction_id
         self._state = _CONFIRM_WAIT
-        self._set_timer(self.limits.confirmation_timeout)
+        self._set_due(self.limits.confirmation_timeout)
 
     def _confirmation_failed(self, failure: Failure) -> None:
         self._hook_call = None
@@ -514,9 +618,8 @@ class TunnelSession:
         first = self.confirmed_at is None
         self.confirmed_at = self.clock.seconds()
         self._state = _READY
-        self._set_timer(self._echo_deadline())
+        self._set_due(self._echo_deadline())
         if first:
-            self._announced = True
             self.registry.register(self)
             self.log.info("tunnel {id} up: {distid} from {peer} ({path})",
                           id=self.id, distid=self.distid, peer=self.peer, path=self.path)
@@ -530,6 +633,7 @@ class TunnelSession:
         if self._state != _READY:
             return
         held, self._held = self._held, None
+        self._drop_setup()
         for data in held or ():
             self._write_message(data)
         self._send_next()
@@ -615,7 +719,8 @@ class TunnelSession:
             self._queue = None
         self._current = pending
         pending.sent_at = self.clock.seconds()
-        pending.timer = self.clock.callLater(pending.timeout, self._request_timed_out, pending)
+        pending.due = pending.sent_at + pending.timeout
+        self._deadlines.arm(self, pending.due)
         self._write_message(pending.xml)
 
     def _request_cancelled(self, pending: _Pending) -> None:
@@ -635,10 +740,7 @@ class TunnelSession:
                           id=self.id, type=response.type if response else "(empty)",
                           distid=self.distid)
             return
-        self._current = None
-        if pending.timer is not None and pending.timer.active():
-            pending.timer.cancel()
-        pending.timer = None
+        self._current = None  # its deadline entry comes due in vain, re-arming the next one
         if not pending.abandoned:
             pending.deferred.callback(TunnelAnswer(
                 body=body, response=response,
@@ -647,9 +749,6 @@ class TunnelSession:
         self._send_next()
 
     def _request_timed_out(self, pending: _Pending) -> None:
-        pending.timer = None
-        if pending is not self._current:
-            return
         self._current = None
         reason = f"no answer within {pending.timeout:g} s"
         # Close first: a late answer must not meet a next request on this tunnel.
@@ -662,21 +761,39 @@ class TunnelSession:
         """One message = one ``size;id=N;trail`` chunk = one transport write (§9.5)."""
         if self._lost or self._state == _CLOSED:
             return
-        self.transport.write(encode_chunk(xml, chunk_id=new_chunk_id()))
+        # Header, data and CRLF in one bytes object: one copy of the message, not two.
+        self.transport.write(b"%x;id=%d;trail\r\n%s\r\n" % (
+            len(xml), _chunk_ids.getrandbits(31) or 1, xml))
 
     # -- timers ------------------------------------------------------------------------------
     def _echo_deadline(self) -> float:
         return self.echo_interval * 2 + self.limits.echo_slack
 
-    def _set_timer(self, delay: float) -> None:
-        timer = self._timer
-        if timer is not None and timer.active():
-            timer.reset(delay)
-        else:
-            self._timer = self.clock.callLater(delay, self._timer_fired)
+    def _set_due(self, delay: float) -> None:
+        """The current state's deadline is ``delay`` s from now (replacing the last one)."""
+        self._due = self.clock.seconds() + delay
+        self._arm()
 
-    def _timer_fired(self) -> None:
-        self._timer = None
+    def _arm(self) -> None:
+        """Be called back at the earliest of the state's deadline and the request's."""
+        due = self._due
+        current = self._current
+        if current is not None and (due is None or current.due < due):
+            due = current.due
+        if due is not None:
+            self._deadlines.arm(self, due)
+
+    def deadline_reached(self, now: float) -> None:
+        """Our deadline entry came due: act on what is due now, re-arm for the rest."""
+        current = self._current
+        if current is not None and now + EPSILON >= current.due:
+            self._request_timed_out(current)
+            return
+        due = self._due
+        if due is None or now + EPSILON < due:
+            self._arm()  # moved later since (an echo-request, the answer came): not yet
+            return
+        self._due = None
         state = self._state
         if state == _READY:
             self._fail(f"echo timeout (no echo-request for {self._echo_deadline():g} s)")
@@ -685,6 +802,12 @@ class TunnelSession:
                        f"{self.limits.confirmation_timeout:g} s)")
         elif state == _REFUSED:
             self.close(self.close_reason or "confirmation refused")
+        elif state == _CLOSED and not self._lost:
+            # A TLS close waits for the peer's close_notify; a peer that never sends one must
+            # not hold the connection forever.
+            abort = getattr(self.transport, "abortConnection", None)
+            if abort is not None:
+                abort()
 
     # -- closing -------------------------------------------------------------------------------
     def close(self, reason: str) -> None:
@@ -702,19 +825,20 @@ class TunnelSession:
             return
         self._state = _CLOSED
         self.close_reason = reason
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
+        self._due = None
+        Deadlines.disarm(self)
         self._cancel_hook_call()
         self._reader = None
         self._early = None
         self._held = None
+        self._confirmation_id = None
+        self._drop_setup()
         self.registry.release(self)
         if not self._lost:
             if send_end and state >= _OPEN:
                 self.transport.write(END_OF_STREAM)
             self._lose_connection()
-        if self._announced:
+        if self.confirmed_at is not None:  # announced by tunnel_up
             self.log.info("tunnel {id} down: {distid} from {peer}: {reason}",
                           id=self.id, distid=self.distid, peer=self.peer, reason=reason)
             try:
@@ -728,9 +852,6 @@ class TunnelSession:
         current, self._current = self._current, None
         queue, self._queue = self._queue, None
         if current is not None:
-            if current.timer is not None and current.timer.active():
-                current.timer.cancel()
-            current.timer = None
             if not current.abandoned:
                 current.deferred.errback(TunnelClosed(
                     f"tunnel {self.id} closed: {reason}", request_sent=True))
@@ -744,24 +865,20 @@ class TunnelSession:
             call.cancel()
 
     def _lose_connection(self) -> None:
+        """Close; abort after ``close_grace`` if the peer never completes the TLS close."""
         self.transport.loseConnection()
-        # A TLS close waits for the peer's close_notify; a peer that never sends one must not
-        # hold the connection forever.
-        if self._reaper is None:
-            self._reaper = self.clock.callLater(self.limits.close_grace, self._abort)
-
-    def _abort(self) -> None:
-        self._reaper = None
-        if not self._lost:
-            abort = getattr(self.transport, "abortConnection", None)
-            if abort is not None:
-                abort()
+        if self._due is None:
+            self._set_due(self.limits.close_grace)
 
 
-def _is_response(body: bytes) -> bool:
-    """True if a (hardened-parseable) message is an arms-response."""
+def _decode(root: Any) -> tuple[ArmsMessage | None, str | None]:
+    """The message of a parsed ``arms-message``, read once: strict (XSD) when it can be; a
+    device message outside the schema is still taken when the model can read it, since the
+    device is the authority on what it writes (``problem`` then says what was wrong).
+    ``(None, problem)`` when the model cannot read it."""
+    found = schema_problem(root)  # codec's own check, on the tree already parsed
+    problem = None if found is None else str(found)
     try:
-        root = parse_element(body)
-    except MessageError:
-        return False
-    return len(root) == 1 and root[0].tag == "arms-response"
+        return decode_element(root), problem
+    except ValueError as e:  # DecodeError, or int() of more than 4300 digits
+        return None, str(MessageError("invalid-value", str(e)))
