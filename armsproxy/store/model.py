@@ -237,3 +237,18 @@ SA_FIELDS: frozenset[str] = frozenset(
         "tunnel_owner",
     }
 )
+
+
+def check_fields(changes: dict[str, Any], allowed: frozenset[str], what: str) -> None:
+    """Refuse a change to a field the store does not let callers set (both backends)."""
+    bad = sorted(set(changes) - allowed)
+    if bad:
+        raise ValueError(f"cannot change {what} field(s) {', '.join(bad)}")
+
+
+JSON_OP_FIELDS = frozenset({"params", "result"})
+
+
+def op_value(name: str, value: Any) -> Any:
+    """An operation field as a backend stores it: the JSON fields as text."""
+    return dump_json(value) if name in JSON_OP_FIELDS and value is not None else value

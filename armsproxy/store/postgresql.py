@@ -70,8 +70,10 @@ from armsproxy.store.model import (
     RawEntries,
     SARecord,
     StoreError,
+    check_fields,
     dump_json,
     load_json,
+    op_value,
 )
 from armsproxy.store.pg_migrations import ACTIVE_SQL, FINAL_SQL, migrate
 
@@ -81,7 +83,6 @@ Conn = psycopg.Connection[Any]
 _log = Logger()
 
 _DEADLINE_PAGE = 500  # past_deadline's default page
-_JSON_OP_FIELDS = frozenset({"params", "result"})
 _SA_COLUMNS = ("distribution_id", *sorted(SA_FIELDS))
 _RETRIES = 5  # attempts of a call the server rolled back for a deadlock or serialization
 _RAW = "ARRAY(SELECT r.entry FROM operation_raw AS r WHERE r.op_seq = {t}.seq ORDER BY r.id)"
@@ -101,16 +102,6 @@ def _op_columns(table: str) -> str:
 
 
 _OP_SELECT = f"SELECT {_op_columns('o')} FROM operations AS o"
-
-
-def _check_fields(changes: dict[str, Any], allowed: frozenset[str], what: str) -> None:
-    bad = sorted(set(changes) - allowed)
-    if bad:
-        raise ValueError(f"cannot change {what} field(s) {', '.join(bad)}")
-
-
-def _op_value(name: str, value: Any) -> Any:
-    return dump_json(value) if name in _JSON_OP_FIELDS and value is not None else value
 
 
 def _row_to_op(row: Sequence[Any], extra_raw: Sequence[str] = ()) -> Operation:
@@ -431,7 +422,7 @@ class PostgreSQLStore:
         if state not in STATES:
             raise ValueError(f"unknown state {state!r}")
         changes = dict(changes or {})
-        _check_fields(changes, MUTABLE_FIELDS, "operation")
+        check_fields(changes, MUTABLE_FIELDS, "operation")
         return await self._run(
             "transition", _transition, operation_id, list(expect), state, changes,
             list(events), raw, self._now(), key=("op", operation_id),
@@ -439,7 +430,7 @@ class PostgreSQLStore:
 
     async def update(self, operation_id: str, changes: dict[str, Any]) -> Operation | None:
         changes = dict(changes)
-        _check_fields(changes, MUTABLE_FIELDS, "operation")
+        check_fields(changes, MUTABLE_FIELDS, "operation")
         return await self._run("update", _transition, operation_id, None, None, changes, [],
                                None, self._now(), key=("op", operation_id))
 
@@ -509,7 +500,7 @@ class PostgreSQLStore:
 
     async def sa_update(self, distribution_id: str, *, events: Sequence[dict[str, Any]] = (),
                         release_tunnel: str | None = None, **fields: Any) -> SARecord:
-        _check_fields(fields, SA_FIELDS, "SA registry")
+        check_fields(fields, SA_FIELDS, "SA registry")
         now = self._now()
         fields.setdefault("updated_at", now)
         return await self._run("sa_update", _sa_update, distribution_id, fields, list(events),
@@ -748,7 +739,7 @@ def _transition(
     if state is not None and state != QUEUED:
         changes.setdefault("waiting_for", None)  # only a queued order waits for its SA
     sets = [f"{name} = %s" for name in changes]
-    args: list[Any] = [_op_value(name, value) for name, value in changes.items()]
+    args: list[Any] = [op_value(name, value) for name, value in changes.items()]
     if state is not None:
         sets.append("state = %s")
         args.append(state)

@@ -39,8 +39,10 @@ from armsproxy.store.model import (
     RawEntries,
     SARecord,
     StoreError,
+    check_fields,
     dump_json,
     load_json,
+    op_value,
 )
 
 T = TypeVar("T")
@@ -54,7 +56,6 @@ _OP_COLUMNS = OPERATION_COLUMNS
 _OP_RETURNING = "seq, " + ", ".join(_OP_COLUMNS)  # what _row_to_op reads, after RETURNING too
 _OP_SELECT = f"SELECT {_OP_RETURNING} FROM operations"
 _DEADLINE_PAGE = 500  # past_deadline's default page
-_JSON_OP_FIELDS = frozenset({"params", "result"})
 _SA_COLUMNS = ("distribution_id", *sorted(SA_FIELDS))
 _CHUNK = 500  # bound on bound parameters per statement
 
@@ -66,16 +67,6 @@ def _chunks(seq: Sequence[T]) -> Iterator[Sequence[T]]:
 
 def _marks(n: int) -> str:
     return ",".join("?" * n)
-
-
-def _check_fields(changes: dict[str, Any], allowed: frozenset[str], what: str) -> None:
-    bad = sorted(set(changes) - allowed)
-    if bad:
-        raise ValueError(f"cannot change {what} field(s) {', '.join(bad)}")
-
-
-def _op_value(name: str, value: Any) -> Any:
-    return dump_json(value) if name in _JSON_OP_FIELDS and value is not None else value
 
 
 def _row_to_op(row: sqlite3.Row, raw: Sequence[str]) -> Operation:
@@ -318,7 +309,7 @@ class SQLiteStore:
         if state not in STATES:
             raise ValueError(f"unknown state {state!r}")
         changes = dict(changes or {})
-        _check_fields(changes, MUTABLE_FIELDS, "operation")
+        check_fields(changes, MUTABLE_FIELDS, "operation")
         return await self._run(
             "transition",
             _transition,
@@ -333,7 +324,7 @@ class SQLiteStore:
 
     async def update(self, operation_id: str, changes: dict[str, Any]) -> Operation | None:
         changes = dict(changes)
-        _check_fields(changes, MUTABLE_FIELDS, "operation")
+        check_fields(changes, MUTABLE_FIELDS, "operation")
         return await self._run(
             "update", _transition, operation_id, None, None, changes, [], None, self._now()
         )
@@ -394,7 +385,7 @@ class SQLiteStore:
 
     async def sa_update(self, distribution_id: str, *, events: Sequence[dict[str, Any]] = (),
                         release_tunnel: str | None = None, **fields: Any) -> SARecord:
-        _check_fields(fields, SA_FIELDS, "SA registry")
+        check_fields(fields, SA_FIELDS, "SA registry")
         now = self._now()
         fields.setdefault("updated_at", now)
         return await self._run("sa_update", _sa_update, distribution_id, fields, list(events),
@@ -539,7 +530,7 @@ def _transition(
     if state is not None and state != QUEUED:
         changes.setdefault("waiting_for", None)  # only a queued order waits for its SA
     sets = [f"{name} = ?" for name in changes]
-    args: list[Any] = [_op_value(name, value) for name, value in changes.items()]
+    args: list[Any] = [op_value(name, value) for name, value in changes.items()]
     if state is not None:
         sets.append("state = ?")
         args.append(state)
