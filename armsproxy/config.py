@@ -13,6 +13,7 @@ from __future__ import annotations
 import configparser
 import difflib
 import math
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -110,6 +111,9 @@ class Config:
     demo_rs_listen: str = "tcp:8790:interface=127.0.0.1"
     demo_rs_db: Path | None = None
     source: str = "embedded default"
+    # processes on this host sharing the listeners (armsproxy/workers.py); more than one needs
+    # the PostgreSQL store
+    workers: int = 1
 
     @property
     def effective_result_url(self) -> str:
@@ -242,6 +246,12 @@ class _Reader:
                            lambda text: None if text.lower() == "auto" else int(text),
                            "auto or a whole number")
 
+    def workers(self, section: str, key: str) -> int:
+        """A process count: a number, or ``auto`` for one per CPU core this process may use."""
+        return self._typed(section, key, 1,
+                           lambda text: cpu_cores() if text.lower() == "auto" else int(text),
+                           "auto or a whole number")
+
     def path(self, section: str, key: str, default: str | None = None) -> Path | None:
         return _path(self.str(section, key, default or "") or None, self.base)
 
@@ -291,6 +301,24 @@ def validate(cfg: Config) -> Config:
     if problems:
         raise ConfigError(cfg.source, problems)
     return cfg
+
+
+def cpu_cores() -> int:
+    """The CPU cores this process may run on (its affinity, not the host's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def workers_problems(cfg: Config, workers: int, setting: str) -> list[str]:
+    """Why ``workers`` processes cannot share ``cfg``'s store, if they cannot."""
+    if workers < 1:
+        return [f"{setting}: at least 1 (or auto: one per CPU core)"]
+    if workers > 1 and cfg.store_backend != "postgresql":
+        return [f"{setting} = {workers}: several worker processes need [store] backend = "
+                f"postgresql (a SQLite store is one process's)"]
+    return []
 
 
 def value_problems(cfg: Config) -> list[str]:
@@ -371,6 +399,7 @@ def value_problems(cfg: Config) -> list[str]:
             problems.append("[store] path: only with backend = sqlite (PostgreSQL: dsn)")
     elif cfg.store_dsn:
         problems.append("[store] dsn: only with backend = postgresql")
+    problems.extend(workers_problems(cfg, cfg.workers, "[armsproxy] workers"))
     if not 0 < cfg.store_lease_renew < cfg.store_lease:
         problems.append("[store] lease_renew, lease: 0 < lease_renew < lease (seconds)")
     if cfg.store_pool_size < 1:
@@ -446,6 +475,7 @@ def load(path: Path) -> Config:
         rs_gate_client_ca=r.path("rs_gate", "client_ca"),
         rs_gate_max_connections=r.int("rs_gate", "max_connections", 64),
         rs_gate_request_timeout=r.float("rs_gate", "request_timeout", 60.0),
+        workers=r.workers("armsproxy", "workers"),
         management_listen=r.endpoint("management", "listen", ""),
         management_max_connections=r.int("management", "max_connections", 16),
         management_request_timeout=r.float("management", "request_timeout", 10.0),

@@ -14,6 +14,7 @@ import pwd
 import sqlite3
 import stat
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -27,15 +28,17 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from . import __version__
+from . import __version__, tls
 from .config import (
     Config,
     ConfigError,
     check,
+    cpu_cores,
     embedded,
     endpoint_summary,
     load,
     store_setting,
+    workers_problems,
 )
 from .instance import InstanceService
 from .limits import DescriptorBudget, limited
@@ -59,6 +62,17 @@ from .tls import (
     tls_listener,
 )
 from .tunnel import TunnelRegistry, TunnelSession, parse_basic_authorization
+from .workers import (
+    READY_FIELD,
+    WORKER_ENV,
+    Lifeline,
+    WorkerSupervisor,
+    adopting_hook,
+    binding_hook,
+    inherited_listeners,
+    worker_argv,
+    worker_listen,
+)
 
 log = Logger()
 
@@ -83,6 +97,10 @@ class Options(usage.Options):
          "Lowest TLS version with devices, both directions, for the embedded default: 1.2 "
          "(default), 1.3, or 1.1/1.0 (real libarms devices speak only TLS 1.0). With --config: "
          "[sa_gate] tls_minimum_version."],
+        ["workers", "w", None,
+         "Processes sharing the listeners: a number, or auto (one per CPU core); more than 1 "
+         "needs [store] backend = postgresql. With --config: [armsproxy] workers, which this "
+         "overrides."],
     ]
 
     def opt_version(self) -> None:
@@ -260,6 +278,7 @@ class StoreService(service.MultiService):
         self.store = store
         self.setting = setting  # what names the store's path, for the message if it fails
         self._children_started = False
+        self.on_started: list[Callable[[], object]] = []  # once the children have started
 
     def startService(self) -> None:
         service.Service.startService(self)
@@ -272,6 +291,8 @@ class StoreService(service.MultiService):
             self._children_started = True
             for child in self:
                 child.startService()
+            for callback in self.on_started:
+                callback()
 
     def _failed(self, failure: Failure) -> None:
         error = failure.value
@@ -313,18 +334,24 @@ def _read(path: Path | None) -> bytes | None:
     return path.read_bytes() if path else None
 
 
-def build_services(cfg: Config, reactor: Any = None) -> service.MultiService:
+def build_services(cfg: Config, reactor: Any = None, *,
+                   worker: int | None = None) -> service.MultiService:
+    """armsproxy's service tree; as worker ``worker`` of a parent (armsproxy/workers.py),
+    with its own management listener and no banner."""
     if reactor is None:
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
+    if worker is not None:
+        cfg = dataclasses.replace(
+            cfg, management_listen=worker_listen(cfg.management_listen, worker))
     budget = DescriptorBudget.at_start(reactor)  # raises the soft RLIMIT_NOFILE first
     top = ArmsproxyService()
     for listen in (cfg.rs_gate_listen, cfg.management_listen,
                    cfg.demo_rs_listen if cfg.demo_rs else ""):
         release_own_unix_lock(listen)
     if cfg.demo_rs:
-        _add_demo_rs(cfg, top, reactor, budget)
+        _add_demo_rs(cfg, top, reactor, budget, banner=worker is None)
     metrics = Metrics()  # this instance's registry, for /metrics (never the global one)
     rs = RSClient(
         reactor, cfg.rs_url, ca_pem=_read(cfg.rs_ca),
@@ -348,6 +375,7 @@ def build_services(cfg: Config, reactor: Any = None) -> service.MultiService:
         store = SQLiteStore(cfg.effective_store_path, reactor=reactor, close_on_shutdown=False)
     push_side = StoreService(store, store_setting(cfg))
     push_side.setServiceParent(top)
+    top.push_side = push_side  # type: ignore[attr-defined]
     # This process as one instance on the store (several share a PostgreSQL one): its lease,
     # the engine under it, the outbox and purges only while it leads (armsproxy/instance.py).
     instance = InstanceService(store, reactor, lease=cfg.store_lease,
@@ -554,7 +582,7 @@ def _purge(store: SQLiteStore, clock: Any, ttl: float) -> defer.Deferred[int]:
 
 
 def _add_demo_rs(cfg: Config, top: service.MultiService, reactor: Any,
-                 budget: DescriptorBudget) -> None:
+                 budget: DescriptorBudget, *, banner: bool = True) -> None:
     from .demo_rs.db import DemoDB
     from .demo_rs.server import make_demo_rs_site
     from .pki import ensure_dev_pki
@@ -577,6 +605,8 @@ def _add_demo_rs(cfg: Config, top: service.MultiService, reactor: Any,
                      cfg.demo_rs_listen)
     demo.setName("demo-rs")
     demo.setServiceParent(top)
+    if not banner:
+        return
     print(
         "armsproxy embedded default\n"
         f"  SA gate URL (give it to the LS as rs-info/url): {', '.join(cfg.public_urls)}\n"
@@ -589,6 +619,94 @@ def _add_demo_rs(cfg: Config, top: service.MultiService, reactor: Any,
         "DISTID --key KEY\n",
         flush=True,
     )
+
+
+def _workers(options: Options, cfg: Config) -> int:
+    """How many processes: ``--workers``, else ``[armsproxy] workers``; a count their store
+    cannot serve ends the start, naming the setting."""
+    raw = options["workers"]
+    setting = "--workers" if raw is not None else "[armsproxy] workers"
+    if raw is None:
+        count = cfg.workers
+    elif raw.strip().lower() == "auto":
+        count = cpu_cores()
+    else:
+        try:
+            count = int(raw)
+        except ValueError:
+            _exit_with([f"--workers {raw!r}: not a whole number or auto"])
+    problems = workers_problems(cfg, count, setting)
+    if problems:
+        _exit_with(problems)
+    return count
+
+
+SHARED_LISTENERS = ("sa-gate", "sa-gate-tunnels", "rs-gate", "demo-rs")
+
+
+def _listener_services(top: service.MultiService) -> list[service.Service]:
+    """The listeners the workers share: the device-facing ones, the RS gate, the demo RS
+    (every one but management, which is per worker)."""
+    found: list[service.Service] = []
+    for child in top:
+        if child.name in SHARED_LISTENERS:
+            found.append(child)
+        elif isinstance(child, service.MultiService):
+            found.extend(_listener_services(child))
+    return found
+
+
+def _as_parent(cfg: Config, config: Path, count: int) -> service.MultiService:
+    """The parent of ``count`` workers: binds the shared listeners (the same code as one
+    process builds them, through :data:`armsproxy.tls.listener_hook`) and runs the workers
+    on them; nothing else of the tree it builds is started."""
+    from twisted.internet import reactor
+
+    bound: dict[str, tuple[int, int]] = {}
+    tls.listener_hook = binding_hook(bound)
+    try:
+        whole = build_services(cfg)
+    finally:
+        tls.listener_hook = None
+    parent = ArmsproxyService()
+    for listener in _listener_services(whole):
+        listener.disownServiceParent()
+        listener.setServiceParent(parent)
+    supervisor = WorkerSupervisor(reactor, worker_argv(config), count, bound, on_fatal=fatal)
+    supervisor.setName("workers")
+    supervisor.setServiceParent(parent)  # last: stopped first, before the listeners close
+    parent.supervisor = supervisor  # type: ignore[attr-defined]
+    return parent
+
+
+def _as_worker(cfg: Config, index: int) -> service.MultiService:
+    """Worker ``index``: the whole of armsproxy on the listeners its parent bound, stopping
+    when the parent is gone, and saying (in its log, which the parent reads) when it is up."""
+    from twisted.internet import reactor
+
+    tls.listener_hook = adopting_hook(inherited_listeners())
+    try:
+        top = build_services(cfg, worker=index)
+    finally:
+        tls.listener_hook = None
+
+    def ready() -> None:
+        log.info("worker-{k} ready: instance {instance}", k=index,
+                 instance=top.instance.id, **{READY_FIELD: True})  # type: ignore[attr-defined]
+
+    top.push_side.on_started.append(ready)  # type: ignore[attr-defined]
+    reactor.addReader(Lifeline(reactor, on_lost=_stop_reactor))
+    return top
+
+
+def _stop_reactor() -> None:
+    from twisted.internet import reactor
+    from twisted.internet.error import ReactorNotRunning
+
+    try:
+        reactor.stop()  # type: ignore[attr-defined]
+    except ReactorNotRunning:
+        pass
 
 
 def _refuse_device_logfile(twistd_options: Any) -> None:
@@ -710,9 +828,15 @@ def makeService(options: Options) -> service.IService:
         if problems:
             _exit_with([f"{cfg.source}: {problem}" for problem in problems])
     drop = _privilege_drop(getattr(options, "parent", None))
+    workers = _workers(options, cfg)
     try:
         _prepare_directories(cfg, drop)
-        top = build_services(cfg)
+        if os.environ.get(WORKER_ENV) is not None:
+            top = _as_worker(cfg, int(os.environ[WORKER_ENV]))
+        elif workers > 1:
+            top = _as_parent(cfg, Path(options["config"]).absolute(), workers)
+        else:
+            top = build_services(cfg)
     except FatalError as e:
         _exit_with([str(e)])
     except (usage.UsageError, ListenerConfigError) as e:

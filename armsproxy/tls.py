@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import re
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -164,7 +165,14 @@ def server_endpoint(reactor: object, description: str, what: str,
         endpoint: IStreamServerEndpoint = serverFromString(reactor, description)
     except (ValueError, TypeError, KeyError) as e:
         raise ListenerConfigError(f"{what} {configured or description!r}: {e}") from None
+    if listener_hook is not None:  # worker processes share listeners (armsproxy/workers.py)
+        endpoint = listener_hook(reactor, description, endpoint)
     return endpoint
+
+
+# Every listener's plain endpoint passes through here when set: the workers' parent binds
+# them for its workers, a worker adopts the ones it inherited (armsproxy/workers.py).
+listener_hook: Callable[[Any, str, IStreamServerEndpoint], IStreamServerEndpoint] | None = None
 
 
 def release_own_unix_lock(description: str) -> bool:

@@ -1,0 +1,389 @@
+"""Worker processes on one host sharing armsproxy's listeners (#12).
+
+One Python process uses one core. With ``--workers N`` (or ``[armsproxy] workers``) the
+process twistd starts becomes a *parent* that:
+
+* binds every shared listener once, in ``privilegedStartService`` (before twistd drops
+  privileges: port 443 and unix sockets work as they do for one process), and never accepts
+  on them itself;
+* starts N workers, ``python -m twisted armsproxy --config FILE`` (twist), each handed the
+  listening sockets as inherited descriptors. They accept from the same kernel queue, so a
+  worker that dies loses no connection waiting there (``SO_REUSEPORT`` would give each its
+  own queue, reset with it, and cannot share a unix socket);
+* relays their logs (JSON on their stdout) into its own log, tagged ``worker-K``;
+* restarts a worker that exits, stops them all on SIGTERM, and exits 1 with a worker's
+  message when one cannot start.
+
+The parent opens no store and speaks to no device: each worker is a whole armsproxy, an
+instance with its own lease on the shared PostgreSQL store (armsproxy/instance.py), which is
+what lets another take over an order a dead worker held. A worker's management listener is its
+own (port + K), so that /metrics and /healthz describe one process each.
+
+A worker watches its stdin, a pipe from the parent: when the parent is gone (even SIGKILLed)
+it reads end-of-file and stops cleanly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from twisted.application import service
+from twisted.internet import defer, error, protocol, tcp, unix
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IProtocolFactory,
+    IReactorTime,
+    IReadDescriptor,
+    IStreamServerEndpoint,
+)
+from twisted.logger import Logger, LogLevel, eventFromJSON, globalLogPublisher
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from .tls import endpoint_fields, quote_endpoint_value, split_endpoint
+
+log = Logger()
+
+WORKER_ENV = "ARMSPROXY_WORKER"  # K: this process is worker K of a parent
+LISTEN_FDS_ENV = "ARMSPROXY_LISTEN_FDS"  # {description: [fd, family]} it inherited
+READY_FIELD = "armsproxy_worker_ready"  # the log event that tells the parent a worker is up
+FIRST_FD = 3  # inherited listeners are the worker's descriptors 3, 4, ...
+
+
+# -- the parent: listeners bound for the workers ------------------------------------------
+
+@implementer(IStreamServerEndpoint)
+@dataclass(slots=True)
+class BoundForWorkers:
+    """Binds like ``endpoint`` (with its errors) but never accepts: the descriptor is
+    recorded in ``bound`` for the workers, who accept on it."""
+
+    endpoint: IStreamServerEndpoint
+    description: str
+    bound: dict[str, tuple[int, int]]
+
+    def listen(self, factory: IProtocolFactory) -> defer.Deferred[IListeningPort]:
+        d = self.endpoint.listen(_Idle())  # never accepts: no factory of armsproxy's starts
+        d.addCallback(self._keep)
+        return d
+
+    def _keep(self, port: Any) -> Any:
+        port.stopReading()  # the parent accepts nothing: its workers do
+        self.bound[self.description] = (port.fileno(), port.socket.family)
+        return port
+
+
+class _Idle(protocol.Factory):
+    noisy = False
+
+
+def binding_hook(bound: dict[str, tuple[int, int]]) -> Callable[..., IStreamServerEndpoint]:
+    """For :data:`armsproxy.tls.listener_hook` in the parent."""
+
+    def hook(reactor: Any, description: str,
+             endpoint: IStreamServerEndpoint) -> IStreamServerEndpoint:
+        return BoundForWorkers(endpoint, description, bound)
+
+    return hook
+
+
+# -- a worker: listeners adopted from the parent ------------------------------------------
+
+class _SharedUNIXPort(unix.Port):
+    """A unix socket the parent owns: closing a worker's copy leaves its path in place."""
+
+    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+        tcp.Port.connectionLost(self, reason)
+
+
+@implementer(IStreamServerEndpoint)
+@dataclass(slots=True)
+class InheritedEndpoint:
+    """Accepts on a listening socket this worker inherited (descriptor ``fd``)."""
+
+    reactor: Any
+    fd: int
+    family: int
+
+    def listen(self, factory: IProtocolFactory) -> defer.Deferred[IListeningPort]:
+        try:
+            os.set_blocking(self.fd, False)
+            if self.family == socket.AF_UNIX:
+                port = _SharedUNIXPort._fromListeningDescriptor(self.reactor, self.fd, factory)
+                port.startListening()
+            else:
+                port = self.reactor.adoptStreamPort(self.fd, self.family, factory)
+            os.close(self.fd)  # the port holds its own duplicate
+        except Exception:
+            return defer.fail()
+        return defer.succeed(port)
+
+
+def inherited_listeners(environ: dict[str, str] | None = None) -> dict[str, tuple[int, int]]:
+    """What the parent handed this worker: {listener description: (fd, family)}."""
+    raw = (os.environ if environ is None else environ).get(LISTEN_FDS_ENV, "{}")
+    return {description: (int(fd), int(family))
+            for description, (fd, family) in json.loads(raw).items()}
+
+
+def adopting_hook(inherited: dict[str, tuple[int, int]]) -> Callable[..., IStreamServerEndpoint]:
+    """For :data:`armsproxy.tls.listener_hook` in a worker: the listeners the parent bound are
+    adopted (once each); any other (its own management listener) binds as usual."""
+    left = dict(inherited)
+
+    def hook(reactor: Any, description: str,
+             endpoint: IStreamServerEndpoint) -> IStreamServerEndpoint:
+        if description not in left:
+            return endpoint
+        fd, family = left.pop(description)
+        return InheritedEndpoint(reactor, fd, family)
+
+    return hook
+
+
+def worker_listen(description: str, index: int) -> str:
+    """Worker ``index``'s own listener for a per-worker setting (management): the port plus
+    ``index`` (0 stays 0: any free port), or a unix path with ``.index`` appended."""
+    if not description:
+        return description
+    spec = split_endpoint(description)
+    fields = endpoint_fields(description, keep_escapes=True)
+    if spec.kind == "unix":
+        for i, part in enumerate(fields[1:], 1):
+            if part.startswith("address="):
+                fields[i] = f"{part}.{index}"
+                break
+            if "=" not in part:
+                fields[i] = f"{part}.{index}"
+                break
+        return ":".join(fields)
+    for i, part in enumerate(fields[1:], 1):
+        key, sep, value = part.partition("=")
+        if (sep and key == "port") or (not sep and key.isdigit()):
+            number = int(value if sep else key)
+            shifted = str(number + index if number else 0)
+            fields[i] = f"port={quote_endpoint_value(shifted)}" if sep else shifted
+            break
+    return ":".join(fields)
+
+
+@implementer(IReadDescriptor)
+class Lifeline:
+    """The worker's stdin, a pipe from its parent: end-of-file means the parent is gone."""
+
+    def __init__(self, reactor: Any, on_lost: Callable[[], None], fd: int = 0) -> None:
+        self.reactor = reactor
+        self.on_lost = on_lost
+        self.fd = fd
+        os.set_blocking(fd, False)
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def doRead(self) -> Any:
+        try:
+            data = os.read(self.fd, 512)
+        except BlockingIOError:
+            return None
+        except OSError:
+            data = b""
+        return None if data else error.ConnectionDone()
+
+    def connectionLost(self, reason: Failure) -> None:
+        self.reactor.removeReader(self)
+        log.warn("worker: the parent process is gone (its pipe closed); stopping")
+        self.on_lost()
+
+    def logPrefix(self) -> str:
+        return "lifeline"
+
+
+# -- the parent: the workers ---------------------------------------------------------------
+
+@dataclass
+class Worker:
+    index: int
+    process: Any = None
+    pid: int | None = None
+    started: float = 0.0
+    ready: bool = False
+    delay: float = 1.0  # before the next restart
+    stderr: deque[str] = field(default_factory=lambda: deque(maxlen=5))
+    pending: bytes = b""
+    restart: Any = None  # the delayed call that restarts it
+
+
+class _WorkerProtocol(protocol.ProcessProtocol):
+    def __init__(self, supervisor: WorkerSupervisor, worker: Worker) -> None:
+        self.supervisor = supervisor
+        self.worker = worker
+        self.err = b""
+
+    def childDataReceived(self, fd: int, data: bytes) -> None:
+        if fd == 1:
+            self.worker.pending += data
+            *lines, self.worker.pending = self.worker.pending.split(b"\n")
+            for line in lines:
+                self.supervisor.relay_log(self.worker, line)
+        elif fd == 2:
+            self.err += data
+            *lines, self.err = self.err.split(b"\n")
+            for line in lines:
+                text = line.decode("utf-8", "replace").rstrip()
+                if text:
+                    self.worker.stderr.append(text)
+                    log.error("worker-{k}: {line}", k=self.worker.index, line=text)
+
+    def processEnded(self, reason: Failure) -> None:
+        self.supervisor.ended(self.worker, reason.value)
+
+
+class WorkerSupervisor(service.Service):
+    """Starts, watches, restarts and stops the workers.
+
+    A worker that exits before it said it was ready stops the start: the parent logs its
+    message and ``on_fatal`` (exit 1) ends everything, as a single process would have. Once
+    ready, a worker that exits is restarted after ``delay`` seconds, doubling up to
+    ``max_delay`` while it keeps dying within ``stable_after`` of its start.
+    """
+
+    def __init__(self, reactor: Any, argv: Sequence[str], count: int,
+                 listeners: dict[str, tuple[int, int]], *,
+                 on_fatal: Callable[[str], None], clock: IReactorTime | None = None,
+                 delay: float = 1.0, max_delay: float = 30.0, stable_after: float = 10.0,
+                 stop_timeout: float = 30.0, env: dict[str, str] | None = None) -> None:
+        self.reactor = reactor
+        self.clock = clock if clock is not None else reactor
+        self.argv = list(argv)
+        self.count = count
+        self.listeners = listeners
+        self.on_fatal = on_fatal
+        self.delay, self.max_delay, self.stable_after = delay, max_delay, stable_after
+        self.stop_timeout = stop_timeout
+        self.env = dict(os.environ if env is None else env)
+        self.workers = [Worker(k, delay=delay) for k in range(count)]
+        self._stopped: defer.Deferred[None] | None = None
+        self._failed = False
+
+    # -- start -------------------------------------------------------------------------
+    def startService(self) -> None:
+        super().startService()
+        log.info("{n} workers sharing {listeners}", n=self.count,
+                 listeners=", ".join(sorted(self.listeners)) or "no listener")
+        for worker in self.workers:
+            self.spawn(worker)
+
+    def spawn(self, worker: Worker) -> None:
+        worker.restart = None
+        worker.ready = False
+        worker.pending = b""
+        worker.stderr.clear()
+        described = sorted(self.listeners.items())
+        inherited = {description: [FIRST_FD + i, family]
+                     for i, (description, (_fd, family)) in enumerate(described)}
+        child_fds: dict[int, int | str] = {0: "w", 1: "r", 2: "r"}
+        child_fds.update({FIRST_FD + i: fd for i, (_d, (fd, _f)) in enumerate(described)})
+        env = {**self.env, WORKER_ENV: str(worker.index),
+               LISTEN_FDS_ENV: json.dumps(inherited)}
+        worker.started = self.clock.seconds()
+        worker.process = self.reactor.spawnProcess(
+            _WorkerProtocol(self, worker), self.argv[0], self.argv, env=env, childFDs=child_fds)
+        worker.pid = worker.process.pid
+        log.info("worker-{k} started (pid {pid})", k=worker.index, pid=worker.pid)
+
+    def relay_log(self, worker: Worker, line: bytes) -> None:
+        """One line of a worker's log (twist's JSON) into this process's log."""
+        text = line.lstrip(b"\x1e").decode("utf-8", "replace").strip()
+        if not text:
+            return
+        try:
+            event = eventFromJSON(text)
+        except ValueError:
+            log.info("worker-{k}: {line}", k=worker.index, line=text)
+            return
+        event["log_system"] = f"worker-{worker.index}"
+        if event.get(READY_FIELD) and not worker.ready:
+            worker.ready = True
+        if not isinstance(event.get("log_level"), LogLevel):
+            event["log_level"] = LogLevel.info
+        globalLogPublisher(event)
+
+    # -- a worker's end -----------------------------------------------------------------
+    def ended(self, worker: Worker, status: BaseException) -> None:
+        worker.process = None
+        how = _how_it_ended(status)
+        if self._stopped is not None:  # stopping: expected
+            log.info("worker-{k} stopped ({how})", k=worker.index, how=how)
+            if all(w.process is None for w in self.workers) and not self._stopped.called:
+                self._stopped.callback(None)
+            return
+        if not worker.ready:
+            self._failed = True
+            said = "; ".join(worker.stderr) or "no message"
+            self.on_fatal(f"worker {worker.index} could not start ({how}): {said}")
+            return
+        lived = self.clock.seconds() - worker.started
+        if lived >= self.stable_after:  # it ran a while: a fresh start, not a crash loop
+            worker.delay = self.delay
+        delay, worker.delay = worker.delay, min(worker.delay * 2, self.max_delay)
+        log.warn("worker-{k} (pid {pid}) exited ({how}) after {lived:.0f} s; restarting it in "
+                 "{delay:g} s (its orders are taken over when its lease expires)",
+                 k=worker.index, pid=worker.pid, how=how, lived=lived, delay=delay)
+        worker.restart = self.clock.callLater(delay, self._respawn, worker)
+
+    def _respawn(self, worker: Worker) -> None:
+        if self.running and self._stopped is None:
+            self.spawn(worker)
+
+    # -- stop ----------------------------------------------------------------------------
+    def stopService(self) -> defer.Deferred[None]:
+        super().stopService()
+        self._stopped = defer.Deferred()
+        for worker in self.workers:
+            if worker.restart is not None and worker.restart.active():
+                worker.restart.cancel()
+            worker.restart = None
+        alive = [w for w in self.workers if w.process is not None]
+        if not alive:
+            self._stopped.callback(None)
+            return self._stopped
+        for worker in alive:
+            _signal(worker.process, "TERM")
+        killer = self.clock.callLater(self.stop_timeout, self._kill_stragglers)
+        self._stopped.addBoth(lambda r: (killer.active() and killer.cancel(), r)[1])
+        return self._stopped
+
+    def _kill_stragglers(self) -> None:
+        for worker in self.workers:
+            if worker.process is not None:
+                log.warn("worker-{k} did not stop within {t:g} s: killed", k=worker.index,
+                         t=self.stop_timeout)
+                _signal(worker.process, "KILL")
+
+
+def _signal(process: Any, name: str) -> None:
+    try:
+        process.signalProcess(name)
+    except error.ProcessExitedAlready:
+        pass
+
+
+def _how_it_ended(status: BaseException) -> str:
+    signal = getattr(status, "signal", None)
+    if signal:
+        return f"signal {signal}"
+    return f"status {getattr(status, 'exitCode', None)}"
+
+
+def worker_argv(config: Path) -> list[str]:
+    """A worker's command line: twist, JSON logs on stdout (the parent relays them)."""
+    return [sys.executable, "-m", "twisted", "--log-format=json", "--log-file=-",
+            "--log-level=info", "armsproxy", "--config", str(config)]
