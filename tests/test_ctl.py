@@ -750,3 +750,14 @@ async def test_backup_refusals(live_store, tmp_path, ctl_run):
     assert (ran.code, ran.err) == (1, f"armsproxyctl: {tmp_path / 'nope.conf'}: No such file "
                                       "or directory\n")
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no leftovers
+    postgresql = tmp_path / "pg"
+    postgresql.mkdir()
+    pg_config = write_config(postgresql, "tcp:8780")
+    pg_config.write_text(pg_config.read_text() + "[store]\nbackend = postgresql\n"
+                         "dsn = host=/nowhere dbname=armsproxy\n")
+    ran = await ctl_run("backup", "--config", pg_config, tmp_path / "e.sqlite")
+    assert (ran.code, ran.err) == (1, f"armsproxyctl: {pg_config}: [store] backend = "
+                                      "postgresql: back it up with PostgreSQL's own tools "
+                                      "(pg_dump, or a base backup with WAL archiving); backup "
+                                      "copies SQLite stores only\n")
+    assert not (tmp_path / "e.sqlite").exists()

@@ -487,6 +487,10 @@ def _backup(args: argparse.Namespace) -> int:
     path = config_path(args.config)
     try:
         cfg = armsproxy_config.load(path)
+        if cfg.store_backend != "sqlite":
+            return _fail(f"{path}: [store] backend = {cfg.store_backend}: back it up with "
+                         "PostgreSQL's own tools (pg_dump, or a base backup with WAL "
+                         "archiving); backup copies SQLite stores only")
         info = backup_store(cfg.effective_store_path, Path(args.dest), force=args.force)
     except armsproxy_config.ConfigError as e:
         return _fail(" ".join(line.strip() for line in str(e).splitlines()))
