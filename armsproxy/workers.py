@@ -259,7 +259,7 @@ class WorkerSupervisor(service.Service):
                  listeners: dict[str, tuple[int, int]], *,
                  on_fatal: Callable[[str], None], clock: IReactorTime | None = None,
                  delay: float = 1.0, max_delay: float = 30.0, stable_after: float = 10.0,
-                 stop_timeout: float = 30.0, env: dict[str, str] | None = None) -> None:
+                 stop_timeout: float = 20.0, env: dict[str, str] | None = None) -> None:
         self.reactor = reactor
         self.clock = clock if clock is not None else reactor
         self.argv = list(argv)

@@ -185,7 +185,7 @@ def test_stop_terms_every_worker_and_kills_those_that_hang():
     assert not any(c.active() for c in clock.getDelayedCalls() if c.func == sup._respawn)
     assert fake.spawned[1][4].signals == ["TERM"]
     assert not stopped.called
-    clock.advance(30)
+    clock.advance(20)
     assert fake.spawned[1][4].signals == ["TERM", "KILL"]
     ended(fake.spawned[1][0], signal=9)
     assert stopped.called
