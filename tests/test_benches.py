@@ -104,3 +104,25 @@ def test_tunnels_bench():
     assert re.search(r"SUMMARY tunnels=10 rss/tunnel=-?[\d.]+ KiB .* p99=[\d.]+ ms", out), out
     assert re.search(r"\ncpu_ms_per_op=\d+\.\d{3} kib_per_idle_tunnel=-?\d+\.\d\Z",
                      out.strip()), out
+
+
+@pytest.mark.timeout(300)
+def test_scale_bench():
+    """bench/scale.py --quick: 1 and 2 workers on a throwaway PostgreSQL cluster."""
+    out = _bench("scale.py", "--quick")
+    assert len(re.findall(r"^  pulls: 400 ok, 0 failed", out, re.M)) == 2, out
+    assert len(re.findall(r"^  tunnels: 200 confirmed", out, re.M)) == 2, out
+    assert len(re.findall(r"^  operations: 400 submitted, 400 succeeded", out, re.M)) == 2, out
+    # The tunnels spread over the two workers' instances, counted in PostgreSQL.
+    spread = re.search(r"held per instance \(sa_registry\.tunnel_owner\): "
+                       r"worker-0 (\d+), worker-1 (\d+)$", out, re.M)
+    assert spread and int(spread[1]) + int(spread[2]) == 200, out
+    assert re.search(r"^    parent: CPU \d+ ms in all", out, re.M), out
+    figures = dict(item.split("=", 1) for item in out.strip().splitlines()[-1].split())
+    for key in ("pulls_per_s_1", "pulls_per_s_2", "pull_gain", "tunnel_ops_per_s_1",
+                "tunnel_ops_per_s_2", "tunnel_gain", "cpu_ms_per_pull_per_worker",
+                "cpu_ms_per_tunnel_op_per_worker", "cpu_ms_per_pull_1",
+                "cpu_ms_per_tunnel_op_1"):
+        assert float(figures.pop(key)) > 0, (key, out)
+    assert float(figures.pop("parent_cpu_ms")) >= 0, out  # the parent does ~nothing: maybe 0
+    assert not figures, out
