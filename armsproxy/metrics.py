@@ -149,14 +149,28 @@ class Metrics:
             "armsproxy_rs_call_duration_seconds",
             "One XML-RPC call to the RS, whole (connect, send, answer, body), by method and "
             "outcome.", ("method", "outcome"), buckets=RS_BUCKETS, registry=self.registry)
+        self._finals: dict[tuple[str, str, str], Any] = {}
+        self._submits: dict[tuple[str, str], Any] = {}
+        self._attempts: dict[tuple[str, str, str], Any] = {}
+        self._rs_calls: dict[tuple[str, str], Any] = {}
 
+    # labels() validates and locks on every call: the children of the hot series are kept
+    # here per label tuple (bounded: operations x outcomes x classes), one dict look-up each.
     def push_final(self, operation: str, outcome: str, result_code: int | None) -> None:
         """An operation reached ``outcome`` (succeeded, failed, expired, cancelled)."""
-        self.push_operations.labels(operation, outcome, result_class(result_code)).inc()
+        key = (operation, outcome, result_class(result_code))
+        child = self._finals.get(key)
+        if child is None:
+            child = self._finals[key] = self.push_operations.labels(*key)
+        child.inc()
 
     def push_submit(self, operation: str, created: bool) -> None:
         """push.submit took an order: stored (``created``) or a repeat of one."""
-        self.push_submitted.labels(operation, SUBMIT_OUTCOMES[0 if created else 1]).inc()
+        key = (operation, SUBMIT_OUTCOMES[0 if created else 1])
+        child = self._submits.get(key)
+        if child is None:
+            child = self._submits[key] = self.push_submitted.labels(*key)
+        child.inc()
 
     def push_requeue(self, operation: str, reason: str) -> None:
         """An operation went back to its queue (``reason`` one of REQUEUE_REASONS)."""
@@ -165,12 +179,19 @@ class Metrics:
     def push_attempt(self, operation: str, method: str, error: BaseException | None,
                      seconds: float) -> None:
         """One push attempt ended: answered (``error`` None) or failed with ``error``."""
-        outcome = "answered" if error is None else error_outcome(error)
-        self.push_duration.labels(operation, method, outcome).observe(max(seconds, 0.0))
+        key = (operation, method, "answered" if error is None else error_outcome(error))
+        child = self._attempts.get(key)
+        if child is None:
+            child = self._attempts[key] = self.push_duration.labels(*key)
+        child.observe(max(seconds, 0.0))
 
     def rs_call(self, method: str, error: BaseException | None, seconds: float) -> None:
         """One RS call ended: answered (``error`` None) or failed with ``error``."""
-        self.rs_call_duration.labels(method, error_outcome(error)).observe(max(seconds, 0.0))
+        key = (method, error_outcome(error))
+        child = self._rs_calls.get(key)
+        if child is None:
+            child = self._rs_calls[key] = self.rs_call_duration.labels(*key)
+        child.observe(max(seconds, 0.0))
 
     def render(self, accept: str = "") -> tuple[bytes, str]:
         """(body, content type): OpenMetrics to a scraper that asks for it (Prometheus

@@ -276,3 +276,52 @@ async def test_one_bad_deferred_does_not_leave_its_neighbours_unanswered(rig: Ri
     await held
     assert await neighbour == "b"
     await rig.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failing_read_in_a_batch_costs_nobody_else_their_work(rig: Rig) -> None:
+    # Reads run without a savepoint (they change nothing): one that fails leaves the writes
+    # before and after it in the batch's COMMIT.
+    await rig.worker.call("connect", rig.connect, alone=True)
+    release, held = hold_worker(rig.worker)
+
+    def bad_read() -> None:
+        assert rig.conn is not None
+        rig.conn.execute("SELECT * FROM no_such_table")
+
+    before = rig.worker.call("a", rig.insert("a"))
+    failing = rig.worker.call("read", bad_read, readonly=True)
+    after = rig.worker.call("b", rig.insert("b"))
+    release.set()
+    await held
+    results = await settle([before, failing, after])
+    assert results[0] == (True, "a") and results[2] == (True, "b")
+    assert not results[1][0] and results[1][1].check(sqlite3.OperationalError)
+    assert rig.committed() == ["a", "b"]
+    await rig.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_under_load_a_batch_gathers_calls_and_a_lone_call_does_not_wait(
+        tmp_path: Path) -> None:
+    rig = Rig(tmp_path / "gather.sqlite")
+    rig.worker = GroupCommitWorker(reactor, lambda: rig.conn, name="test-gather", gather=1.0)
+    rig.worker.start()
+    await rig.worker.call("connect", rig.connect, alone=True)
+    # One call at a time: never loaded, so no call waits for company.
+    started = time.monotonic()
+    for i in range(3):
+        assert await rig.worker.call(f"alone {i}", rig.insert(f"alone{i}")) == f"alone{i}"
+    assert time.monotonic() - started < 1.0
+    # A batch of several (load): the next batch with a write waits `gather` for more calls,
+    # and those that arrive meanwhile share its COMMIT.
+    await run_batched(rig, [("x", rig.insert("x")), ("y", rig.insert("y"))])
+    batches = rig.worker.batches
+    first = rig.worker.call("first", rig.insert("first"))
+    d: defer.Deferred[None] = defer.Deferred()
+    reactor.callLater(0.1, d.callback, None)
+    await d  # the worker is gathering
+    second = rig.worker.call("second", rig.insert("second"))
+    assert await settle([first, second]) == [(True, "first"), (True, "second")]
+    assert rig.worker.batches == batches + 1  # one COMMIT for both
+    await rig.close()

@@ -387,6 +387,10 @@ async def test_an_instance_that_lost_its_lease_owns_its_live_tunnels_again(store
         await a.settle()
         a.instance._loop.stop()  # a stops renewing, and goes on otherwise
         await b.settle(seconds=5, steps=4)
+        for _ in range(6):  # b's take-over runs on its tick; one may still be in its thread
+            if (await b_store.sa_get(DISTID)).tunnel_owner is None:
+                break
+            await b.settle(seconds=5)
         assert (await b_store.sa_get(DISTID)).tunnel_owner is None
         assert [i for (i,) in await b_store._run(
             "rows", lambda c: c.execute("SELECT instance_id FROM instances").fetchall())] \

@@ -1378,3 +1378,15 @@ async def test_kill_9_loses_no_acknowledged_order_or_result(tmp_path):
         assert succeeded == events
     finally:
         await s.close()
+
+
+def test_operation_ids_are_version_4_uuids_without_repeats() -> None:
+    import uuid
+
+    from armsproxy.store.model import new_operation_id
+
+    ids = [new_operation_id() for _ in range(1000)]
+    assert len(set(ids)) == len(ids)
+    for text in ids:
+        parsed = uuid.UUID(hex=text)
+        assert parsed.hex == text and parsed.version == 4 and parsed.variant == uuid.RFC_4122

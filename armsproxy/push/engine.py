@@ -357,7 +357,11 @@ class PushEngine(service.Service):
 
     # -- dispatch loop ----------------------------------------------------------------------
     def wake(self) -> None:
-        if self.running:  # before start-up recovery nothing may be dispatched
+        if self._pumping:
+            # The running pump claims again before it returns (what _pump itself does when
+            # called now): no coroutine and Deferred per submit and per finished dispatch.
+            self._pump_again = True
+        elif self.running:  # before start-up recovery nothing may be dispatched
             self._spawn(self._pump())
 
     def _tick(self) -> defer.Deferred[None]:

@@ -101,6 +101,13 @@ EVENT_MEMBERS: dict[str, EventMembers] = {
 }
 
 
+#: Per kind: the members always present, and every member allowed (checked per event).
+_DECLARED: dict[str, tuple[frozenset[str], frozenset[str]]] = {
+    kind: (frozenset(m.always), frozenset(m.always) | frozenset(m.sometimes))
+    for kind, m in EVENT_MEMBERS.items()
+}
+
+
 def new_event(kind: str, distribution_id: str, operation_id: str | None = None,
               **payload: Any) -> dict[str, Any]:
     """An event for the store's outbox, held to :data:`EVENT_MEMBERS`.
@@ -109,15 +116,16 @@ def new_event(kind: str, distribution_id: str, operation_id: str | None = None,
     list, or a missing ``always`` member, raises ValueError: that is a bug here, caught by the
     tests, and the RS contract in the README never silently drifts from what is sent.
     """
-    members = EVENT_MEMBERS.get(kind)
-    if members is None:
+    declared = _DECLARED.get(kind)
+    if declared is None:
         raise ValueError(f"undeclared event kind {kind!r}")
+    always, allowed = declared
     body = {k: v for k, v in payload.items() if v is not None}
     # operation_id travels in the outbox row, not in the payload; event_struct puts it back.
-    present = set(body) | ({"operation_id"} if operation_id is not None else set())
-    unknown = present - set(members.always) - set(members.sometimes)
-    missing = set(members.always) - present
-    if unknown or missing:
+    present = body.keys() | ({"operation_id"} if operation_id is not None else set())
+    if not always <= present <= allowed:
+        unknown = present - allowed
+        missing = always - present
         raise ValueError(f"{kind} event: undeclared member(s) {sorted(unknown)}, "
                          f"missing {sorted(missing)}")
     return {"kind": kind, "distribution_id": distribution_id, "operation_id": operation_id,

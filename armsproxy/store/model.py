@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import xmlrpc.client
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
@@ -48,18 +49,46 @@ def _decode_hook(obj: dict[str, Any]) -> Any:
     return obj
 
 
+# Built once: json.dumps/json.loads with any option build a new encoder/decoder per call.
+_ENCODER = json.JSONEncoder(
+    default=_encode_default, allow_nan=False, ensure_ascii=False, separators=(",", ":"))
+_DECODER = json.JSONDecoder(object_hook=_decode_hook)
+_PLAIN_DECODE = json.JSONDecoder().decode
+
+
 def dump_json(value: Any) -> str:
     """JSON text for a column; bytes become ``{"__b64__": ...}``; anything else unknown raises."""
-    return json.dumps(
-        value, default=_encode_default, allow_nan=False, ensure_ascii=False, separators=(",", ":")
-    )
+    if not value and type(value) is dict:
+        return "{}"  # most orders' params
+    return _ENCODER.encode(value)
 
 
 def load_json(text: str | None) -> Any:
     """Inverse of :func:`dump_json` (``None`` stays ``None``)."""
     if text is None:
         return None
-    return json.loads(text, object_hook=_decode_hook)
+    if text == "{}":
+        return {}
+    # Only a text holding the marker can hold bytes: the rest skips the per-object hook.
+    return _DECODER.decode(text) if _B64 in text else _PLAIN_DECODE(text)
+
+
+_ID_BATCH = 64  # ids per os.urandom call
+_id_pool: list[int] = []
+os.register_at_fork(after_in_child=_id_pool.clear)  # a child never repeats its parent's ids
+
+
+def new_operation_id() -> str:
+    """A random (version 4) UUID as 32 hex digits, as ``uuid.uuid4().hex`` gives, for less:
+    random bytes are read for many ids at once and no UUID object is built."""
+    if not _id_pool:
+        data = os.urandom(16 * _ID_BATCH)
+        _id_pool.extend(int.from_bytes(data[i:i + 16], "big") for i in range(0, len(data), 16))
+    value = _id_pool.pop()
+    # RFC 4122: version 4 in bits 76-79, variant 10 in bits 62-63 (what uuid.UUID(version=4)
+    # sets).
+    value = (value & ~(0xF000 << 64) & ~(0xC000 << 48)) | (0x4000 << 64) | (0x8000 << 48)
+    return f"{value:032x}"
 
 
 class RawEntries(Sequence[dict[str, Any]]):

@@ -73,6 +73,7 @@ from armsproxy.store.model import (
     check_fields,
     dump_json,
     load_json,
+    new_operation_id,
     op_value,
 )
 from armsproxy.store.pg_migrations import ACTIVE_SQL, FINAL_SQL, migrate
@@ -388,7 +389,7 @@ class PostgreSQLStore:
     async def submit(self, new: NewOperation) -> tuple[Operation, bool]:
         now = self._now() if new.created_at is None else new.created_at
         key = None if new.request_id is None else ("request", new.request_id)
-        return await self._run("submit", _submit, new, uuid.uuid4().hex, now, key=key)
+        return await self._run("submit", _submit, new, new_operation_id(), now, key=key)
 
     async def get(self, operation_id: str) -> Operation | None:
         return await self._run("get", _read_one, f"{_OP_SELECT} WHERE o.operation_id = %s",
@@ -810,11 +811,11 @@ def _list_sql(distribution_id: str | None, states: Collection[str] | None,
 # The head's row is fetched per SA by primary key in a LATERAL subquery that OFFSET 0 keeps
 # from being flattened: the planner cannot swap that for a scan of every queued operation
 # (a hash join it prefers at a few thousand rows, and would read a million at scale).
-def _heads_from(columns: str, lock: str = "") -> str:
+def _heads_from(columns: str, lock: str = "", head_filter: str = "") -> str:
     return f"""
     FROM sa_queues AS q CROSS JOIN LATERAL (
         SELECT {columns} FROM operations AS o WHERE o.seq = q.head_seq AND o.state = 'queued'
-        OFFSET 0{lock}) AS o
+        {head_filter}OFFSET 0{lock}) AS o
     WHERE q.head_seq IS NOT NULL AND NOT q.waiting AND NOT q.busy
         AND q.not_before <= %(now)s"""
 
@@ -835,14 +836,18 @@ _CLAIM_SQL = f"""SELECT o.seq {_heads_from('o.seq', ' FOR UPDATE SKIP LOCKED')}
 # before any head is read) the instance's own lease row must be live, and is held FOR KEY
 # SHARE until the commit: renewals go on, a take-over's delete waits for this claim, so it
 # sees the whole claim or none of it.
+# The owner filter sits inside the head's locking subquery: rows are locked after their
+# filter, so an instance never locks (even for the instant of its claim) a head only another
+# one may send, which would make that one's concurrent claim skip it and miss its wake-up.
+_OWNED_BY_ME = """AND (o.sa_url IS NOT NULL OR o.method = 'https-simple' OR NOT EXISTS (
+            SELECT 1 FROM sa_registry AS r WHERE r.distribution_id = q.distribution_id
+            AND r.tunnel_owner IS NOT NULL AND r.tunnel_owner <> %(me)s))
+        """
 _INSTANCE_CLAIM_SQL = f"""SELECT o.seq {_heads_from(
-    'o.seq, o.sa_url, o.method', ' FOR UPDATE SKIP LOCKED')}
+    'o.seq', ' FOR UPDATE SKIP LOCKED', _OWNED_BY_ME)}
         AND EXISTS (SELECT 1 FROM instances AS i WHERE i.instance_id = %(me)s
                     AND i.lease_until >= %(now)s FOR KEY SHARE OF i)
         AND q.distribution_id <> ALL(%(busy)s::text[])
-        AND (o.sa_url IS NOT NULL OR o.method = 'https-simple' OR NOT EXISTS (
-            SELECT 1 FROM sa_registry AS r WHERE r.distribution_id = q.distribution_id
-            AND r.tunnel_owner IS NOT NULL AND r.tunnel_owner <> %(me)s))
     ORDER BY q.not_before, q.head_seq LIMIT %(limit)s FOR UPDATE OF q SKIP LOCKED"""
 
 

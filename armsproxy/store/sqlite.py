@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import uuid
 from collections.abc import Callable, Collection, Iterator, Sequence
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -42,6 +42,7 @@ from armsproxy.store.model import (
     check_fields,
     dump_json,
     load_json,
+    new_operation_id,
     op_value,
 )
 
@@ -69,13 +70,25 @@ def _marks(n: int) -> str:
     return ",".join("?" * n)
 
 
+# Positions in a row of _OP_RETURNING (seq first). Operation's fields are _OP_COLUMNS in
+# order with ``raw`` just before ``forgotten``: rows become operations positionally.
+_PARAMS_AT = 1 + _OP_COLUMNS.index("params")
+_RESULT_AT = 1 + _OP_COLUMNS.index("result")
+_FORGOTTEN_AT = 1 + _OP_COLUMNS.index("forgotten")
+assert [f.name for f in fields(Operation)] == [
+    *_OP_COLUMNS[:_FORGOTTEN_AT - 1], "raw", *_OP_COLUMNS[_FORGOTTEN_AT - 1:]]
+
+
 def _row_to_op(row: sqlite3.Row, raw: Sequence[str]) -> Operation:
     """``row``: seq, then _OP_COLUMNS in order (_OP_RETURNING), read by position."""
-    values = dict(zip(_OP_COLUMNS, tuple(row)[1:], strict=True))
-    values["params"] = load_json(values["params"])
-    values["result"] = load_json(values["result"])
-    values["forgotten"] = bool(values["forgotten"])
-    return Operation(**values, raw=RawEntries(raw))
+    values = list(row)
+    if len(values) != len(_OP_COLUMNS) + 1:
+        raise StoreError(f"operation row of {len(values)} columns")
+    values[_PARAMS_AT] = load_json(values[_PARAMS_AT])
+    values[_RESULT_AT] = load_json(values[_RESULT_AT])
+    values[_FORGOTTEN_AT] = bool(values[_FORGOTTEN_AT])
+    return Operation(*values[1:_FORGOTTEN_AT], RawEntries(raw),  # type: ignore[arg-type]
+                     *values[_FORGOTTEN_AT:])
 
 
 def _load_ops(conn: sqlite3.Connection, rows: list[sqlite3.Row]) -> list[Operation]:
@@ -149,11 +162,14 @@ class SQLiteStore:
         busy_timeout: float = 10.0,
         close_on_shutdown: bool = True,
         max_batch: int = 100,
+        gather: float = 0.002,
     ) -> None:
         """``close_on_shutdown=False`` when a service closes the store itself, after the
         services that use it have stopped (a reactor trigger would close it under them).
         ``max_batch``: most calls per COMMIT (1: a transaction per call, bench/store.py's
-        baseline)."""
+        baseline). ``gather``: under load (the last batch held more than one call), seconds
+        a batch waits for more calls to share its COMMIT (0: never); a lone call never
+        waits."""
         if reactor is None:
             from twisted.internet import reactor as default_reactor
 
@@ -165,6 +181,7 @@ class SQLiteStore:
         self._clock: IReactorTime = clock if clock is not None else reactor  # type: ignore[assignment]
         self._busy_timeout = busy_timeout
         self._max_batch = max_batch
+        self._gather = gather
         self._close_on_shutdown = close_on_shutdown
         self._worker: GroupCommitWorker | None = None
         # While open() runs: callers that arrived early (twistd binds the gates' ports before
@@ -231,7 +248,7 @@ class SQLiteStore:
     async def _open(self) -> None:
         worker = GroupCommitWorker(
             self._reactor, lambda: self._conn, name="armsproxy-store",  # type: ignore[arg-type]
-            max_batch=self._max_batch,
+            max_batch=self._max_batch, gather=self._gather,
         )
         worker.start()
         try:
@@ -275,7 +292,7 @@ class SQLiteStore:
 
     async def submit(self, new: NewOperation) -> tuple[Operation, bool]:
         now = self._now() if new.created_at is None else new.created_at
-        return await self._run("submit", _submit, new, uuid.uuid4().hex, now)
+        return await self._run("submit", _submit, new, new_operation_id(), now)
 
     async def get(self, operation_id: str) -> Operation | None:
         return await self._run("get", _read_one, "operation_id = ?", (operation_id,))
