@@ -167,3 +167,47 @@ async def test_a_code_the_rs_chose_is_counted_and_logged_at_debug(logs, method, 
     assert relay.stats["rs.declined"] == 1
     assert logs.find("RS answered", DISTID, "503", level="debug")
     assert not logs.find("RS answered", level="info")
+
+
+class SlowRS(FakeRS):
+    """An RS whose config-solicitation answers when the test says; ``call_timeout`` as
+    RSClient offers it (None: an RS that promises nothing)."""
+
+    def __init__(self, call_timeout: float | None) -> None:
+        super().__init__()
+        if call_timeout is not None:
+            self.call_timeout = call_timeout
+        self.pending: list[Any] = []
+
+    async def config_solicitation(self, distid: str, info: dict) -> dict:
+        from twisted.internet import defer
+
+        d: defer.Deferred = defer.Deferred()
+        self.pending.append(d)
+        return await d
+
+
+@pytest.mark.parametrize(("call_timeout", "budget_timer"), [(15.0, False), (20.0, False),
+                                                            (25.0, True), (None, True)])
+def test_the_budget_timer_only_when_the_rs_may_outlast_it(call_timeout, budget_timer):
+    from twisted.internet import defer
+
+    clock = task.Clock()
+    rs = SlowRS(call_timeout)
+    keys = KeyCache(rs, clock)
+    relay = PullRelay(rs=rs, keys=keys, settings=RelaySettings(public_urls=[PUBLIC_URL]),
+                      clock=clock, relay_budget=20.0)
+    pull = request(CONFIG_XML)
+    pull.received_at = clock.seconds()
+    keys._store(DISTID, keys._entry_for(KEY))  # a known SA: no key lookup
+    d = defer.ensureDeferred(relay.handle(pull))
+    assert rs.pending and not d.called
+    assert len(clock.getDelayedCalls()) == (1 if budget_timer else 0)
+    if budget_timer:
+        clock.advance(20.0)  # the budget: the device is told to come back (301)
+        assert d.called
+        answer = d.result
+        assert answer.startswith(b"HTTP/1.1 200 ") and b"<result-code>301<" in answer
+    else:
+        rs.pending[0].callback(dict(CONFIG_ANSWER))
+        assert d.called and b"<result-code>100<" in d.result

@@ -879,3 +879,41 @@ async def test_sa_key_for_pushes_shares_the_cache():
     src.keys[DISTID] = "k2"
     assert await cache.sa_key(DISTID) == "k2"
     assert await cache.sa_key("0001-0002-0003-0004-0005-0006-0007-0009") is None
+
+
+def test_requests_are_marshalled_byte_for_byte_as_the_stdlib_does():
+    """The pulls' own request writer (a distid and a struct of strings) gives the very bytes
+    of ``xmlrpc.client.dumps``; any other shape is the stdlib's, errors included."""
+    import random
+
+    from armsproxy.rs_client.client import _dumps
+
+    rng = random.Random(11)
+    alphabet = "ab<>&'\"\n\r\t é€\x00]]>\ud800"
+
+    def text() -> str:
+        return "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 12)))
+
+    def outcome(fn, *args):
+        try:
+            return fn(*args)
+        except Exception as e:
+            return type(e), str(e)
+
+    def stdlib(params, method):
+        return xmlrpc_dumps(params, method, allow_none=False).encode("utf-8")
+
+    class Str(str):
+        pass
+
+    shapes = [
+        lambda: text(), lambda: {text(): text() for _ in range(rng.randint(0, 4))},
+        lambda: {text(): 1}, lambda: 7, lambda: None, lambda: [text()], lambda: Str("s"),
+        lambda: {Str("k"): "v"}, lambda: {"k": Str("v")}, lambda: True,
+    ]
+    for _ in range(3000):
+        params = tuple(rng.choice(shapes)() for _ in range(rng.randint(0, 3)))
+        method = rng.choice(["arms.config_solicitation", "arms.event", "a<b&c", "", "\ud800"])
+        ours = outcome(_dumps, params, method)
+        theirs = outcome(stdlib, params, method)
+        assert ours == theirs, (params, method)

@@ -943,6 +943,65 @@ async def test_a_handler_over_the_hard_limit_gets_503(rigs):
     assert rig.logs.find("no answer within the hard limit", level="error")
 
 
+@pytest.mark.parametrize("answer_timeout", [25.0, 3.0])
+def test_one_timer_per_pull_the_request_deadline_moved_to_the_answer(answer_timeout):
+    """The request's deadline becomes the answer's (moved, not a second timer); an answer
+    limit sooner than what is left of the request's still holds, at its own time."""
+    from twisted.internet.testing import StringTransport
+
+    clock = task.Clock()
+    pending: list[defer.Deferred] = []
+
+    async def waits(request: GateRequest) -> bytes:
+        d: defer.Deferred = defer.Deferred()
+        pending.append(d)
+        return await d
+
+    limits = GateLimits(paths=frozenset({GATE_PATH}), request_timeout=20.0,
+                        answer_timeout=answer_timeout)
+    protocol = SAGateFactory(waits, clock=clock, limits=limits).buildProtocol(None)
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    assert len(clock.getDelayedCalls()) == 1
+    clock.advance(5.0)
+    protocol.dataReceived(METHOD_QUERY_REQUEST)
+    assert pending and len(clock.getDelayedCalls()) == 1
+    [timer] = clock.getDelayedCalls()
+    assert timer.getTime() == 5.0 + answer_timeout
+    clock.advance(answer_timeout - 0.5)
+    assert transport.value() == b""
+    clock.advance(0.5)
+    assert transport.value().startswith(b"HTTP/1.1 503 ") or \
+        transport.value().startswith(b"HTTP/1.0 503 ")
+    assert transport.disconnecting
+    protocol.connectionLost(None)
+    assert clock.getDelayedCalls() == []
+
+
+def test_an_answer_in_time_leaves_no_deadline_behind():
+    from twisted.internet.testing import StringTransport
+
+    clock = task.Clock()
+    answer: defer.Deferred = defer.Deferred()
+
+    async def later(request: GateRequest) -> bytes:
+        return await answer
+
+    limits = GateLimits(paths=frozenset({GATE_PATH}))
+    protocol = SAGateFactory(later, clock=clock, limits=limits).buildProtocol(None)
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    protocol.dataReceived(METHOD_QUERY_REQUEST)
+    clock.advance(limits.request_timeout + 1)  # past the request's own limit: moved
+    assert transport.value() == b""
+    answer.callback(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    assert transport.value().startswith(b"HTTP/1.1 200 OK")
+    [reaper] = clock.getDelayedCalls()  # only the close grace is left
+    assert reaper.getTime() == clock.seconds() + limits.close_grace
+    protocol.connectionLost(None)
+    assert clock.getDelayedCalls() == []
+
+
 @pytest_twisted.ensureDeferred
 async def test_a_failing_handler_gets_500_and_a_logged_failure(rigs):
     async def broken(request: GateRequest) -> bytes:

@@ -84,16 +84,22 @@ def _set_payload(el: Element, data: str | bytes) -> None:
         el.text = data
 
 
+_SubElement = etree.SubElement
+
+
+# Every answer armsproxy sends is built here, a dozen or more elements each (each pull): the
+# SubElement bound once, and str() only for what is not a str already.
 def _sub(parent: Element, tag: str, text: str | int | None = None) -> Element:
-    child = etree.SubElement(parent, tag)
+    child = _SubElement(parent, tag)
     if text is not None:
-        child.text = str(text)
+        child.text = text if type(text) is str else str(text)
     return child
 
 
 def _opt_sub(parent: Element, tag: str, value: str | int | None) -> None:
     if value is not None:
-        _sub(parent, tag, value)
+        child = _SubElement(parent, tag)
+        child.text = value if type(value) is str else str(value)
 
 
 # ---------------------------------------------------------------------------------------------

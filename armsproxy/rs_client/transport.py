@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.internet import error
+from twisted.internet import error, tcp
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol, connectionDone
@@ -211,7 +211,7 @@ class _Connection(Protocol):
         self._parser = _Parser(limit)
         waiter: Deferred[Response] = Deferred(self._cancel)
         self._waiter = waiter
-        self.transport.write(request)
+        _write_now(self.transport, request)
         return waiter
 
     def _cancel(self, _: Deferred[Response]) -> None:
@@ -253,6 +253,24 @@ class _Connection(Protocol):
         for d in self.on_lost:
             d.callback(None)
         self.on_lost = []
+
+
+def _write_now(transport: Any, data: bytes) -> None:
+    """``transport.write(data)``, but sent at once when the transport is a plain TCP
+    connection with nothing buffered: a pull's RS request then costs one ``send``, not a
+    registration for writability, a reactor turn and an unregistration (two ``epoll_ctl``).
+    Whatever the socket does not take now (or an error) goes the usual way, in order."""
+    if (isinstance(transport, tcp.Connection) and transport.connected
+            and not transport.disconnecting and not transport.producer
+            and not getattr(transport, "TLS", True)
+            and not getattr(transport, "_tempDataLen", 1)
+            and len(getattr(transport, "dataBuffer", b"?")) <= getattr(transport, "offset", -1)):
+        sent = transport.writeSomeData(data)
+        if isinstance(sent, int) and sent > 0:
+            if sent >= len(data):
+                return
+            data = data[sent:]
+    transport.write(data)
 
 
 class _OneConnection(Factory):

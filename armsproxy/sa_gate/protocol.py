@@ -190,7 +190,7 @@ class SAGateProtocol(Protocol):
         peer = self.transport.getPeer()
         self._peer = f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}"
         self._deadline = self.factory.clock.callLater(
-            self.factory.limits.request_timeout, self._request_too_slow
+            self.factory.limits.request_timeout, self._deadline_passed
         )
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
@@ -213,8 +213,32 @@ class SAGateProtocol(Protocol):
             self._deadline.cancel()
         self._deadline = None
 
-    def _request_too_slow(self) -> None:
+    def _deadline_passed(self) -> None:
+        """The connection's one timer: the whole request within ``request_timeout``, then
+        (the same timer, moved) the handler's answer within ``answer_timeout``."""
         self._deadline = None
+        if self._handling is None:
+            self._request_too_slow()
+        elif not self._answered:
+            # As Deferred.addTimeout would: the handler is cancelled, and _handler_failed
+            # answers 503 (a timeout and a cancellation are one case there).
+            self._handling.cancel()
+
+    def _arm_answer_deadline(self) -> None:
+        """Move the request's deadline to the answer's: later, as it nearly always is, that
+        is an attribute set (a timer moved sooner would cost a search of the reactor's heap);
+        else a new timer. Either way, one timer where there were two and a Deferred's."""
+        limits = self.factory.limits
+        clock = self.factory.clock
+        timer = self._deadline
+        if timer is not None and timer.active():
+            if timer.getTime() <= clock.seconds() + limits.answer_timeout:
+                timer.reset(limits.answer_timeout)
+                return
+            timer.cancel()
+        self._deadline = clock.callLater(limits.answer_timeout, self._deadline_passed)
+
+    def _request_too_slow(self) -> None:
         self.factory.count("rejected.slow_request")
         self.log.warn(
             "SA gate: request from {peer} not complete within {t} s; dropped",
@@ -367,7 +391,6 @@ class SAGateProtocol(Protocol):
 
     # -- answering ------------------------------------------------------------------------
     def _dispatch(self) -> None:
-        self._cancel_deadline()
         assert self._head is not None
         method, target, version, headers = self._head
         assert self._body is not None
@@ -378,9 +401,9 @@ class SAGateProtocol(Protocol):
             received_at=self.factory.clock.seconds(),
         )
         self._body.clear()
+        self._arm_answer_deadline()  # before the handler, which may answer at once
         d = defer.ensureDeferred(self.factory.handler(request))
         self._handling = d
-        d.addTimeout(self.factory.limits.answer_timeout, self.factory.clock)
         d.addCallbacks(self._write_once, self._handler_failed)
 
     def _handler_failed(self, failure: Failure) -> None:
