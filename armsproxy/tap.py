@@ -668,15 +668,31 @@ def _as_parent(cfg: Config, config: Path, count: int) -> service.MultiService:
         whole = build_services(cfg)
     finally:
         tls.listener_hook = None
-    parent = ArmsproxyService()
+    parent = _WorkersParent()
     for listener in _listener_services(whole):
         listener.disownServiceParent()
         listener.setServiceParent(parent)
     supervisor = WorkerSupervisor(reactor, worker_argv(config), count, bound, on_fatal=fatal)
     supervisor.setName("workers")
-    supervisor.setServiceParent(parent)  # last: stopped first, before the listeners close
-    parent.supervisor = supervisor  # type: ignore[attr-defined]
+    supervisor.setServiceParent(parent)
+    parent.supervisor = supervisor
     return parent
+
+
+class _WorkersParent(ArmsproxyService):
+    """The shared listeners and the workers: the workers stop first, then the listeners
+    close (a unix socket's path is removed only once no worker accepts on it)."""
+
+    supervisor: WorkerSupervisor
+
+    def stopService(self) -> defer.Deferred[None]:
+        service.Service.stopService(self)
+        d = defer.maybeDeferred(self.supervisor.stopService)
+        d.addBoth(lambda _: defer.DeferredList(
+            [defer.maybeDeferred(child.stopService) for child in reversed(list(self))
+             if child is not self.supervisor], consumeErrors=True))
+        d.addCallback(lambda _: None)
+        return d
 
 
 def _as_worker(cfg: Config, index: int) -> service.MultiService:
@@ -684,11 +700,19 @@ def _as_worker(cfg: Config, index: int) -> service.MultiService:
     when the parent is gone, and saying (in its log, which the parent reads) when it is up."""
     from twisted.internet import reactor
 
-    tls.listener_hook = adopting_hook(inherited_listeners())
+    hook = adopting_hook(inherited_listeners())
+    tls.listener_hook = hook
     try:
         top = build_services(cfg, worker=index)
     finally:
         tls.listener_hook = None
+    if hook.left:  # the parent bound listeners this configuration does not name any more
+        for fd, _family in hook.left.values():
+            os.close(fd)
+        raise FatalError(
+            f"{cfg.source} changed since armsproxy started (its listeners "
+            f"{', '.join(sorted(hook.left))} are not in it now): a worker reads the file at "
+            "its own start; restart armsproxy to apply the change")
 
     def ready() -> None:
         log.info("worker-{k} ready: instance {instance}", k=index,

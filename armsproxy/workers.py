@@ -44,7 +44,7 @@ from twisted.internet.interfaces import (
     IReadDescriptor,
     IStreamServerEndpoint,
 )
-from twisted.logger import Logger, LogLevel, eventFromJSON, globalLogPublisher
+from twisted.logger import Logger, LogLevel, eventFromJSON, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -121,9 +121,10 @@ class InheritedEndpoint:
                 port.startListening()
             else:
                 port = self.reactor.adoptStreamPort(self.fd, self.family, factory)
-            os.close(self.fd)  # the port holds its own duplicate
         except Exception:
             return defer.fail()
+        finally:
+            os.close(self.fd)  # the port holds its own duplicate
         return defer.succeed(port)
 
 
@@ -134,19 +135,25 @@ def inherited_listeners(environ: dict[str, str] | None = None) -> dict[str, tupl
             for description, (fd, family) in json.loads(raw).items()}
 
 
-def adopting_hook(inherited: dict[str, tuple[int, int]]) -> Callable[..., IStreamServerEndpoint]:
+class AdoptingHook:
     """For :data:`armsproxy.tls.listener_hook` in a worker: the listeners the parent bound are
-    adopted (once each); any other (its own management listener) binds as usual."""
-    left = dict(inherited)
+    adopted (once each); any other (its own management listener) binds as usual. What is
+    left once the services are built (:attr:`left`) the worker's configuration no longer
+    names: the file changed since the parent read it."""
 
-    def hook(reactor: Any, description: str,
-             endpoint: IStreamServerEndpoint) -> IStreamServerEndpoint:
-        if description not in left:
+    def __init__(self, inherited: dict[str, tuple[int, int]]) -> None:
+        self.left = dict(inherited)
+
+    def __call__(self, reactor: Any, description: str,
+                 endpoint: IStreamServerEndpoint) -> IStreamServerEndpoint:
+        if description not in self.left:
             return endpoint
-        fd, family = left.pop(description)
+        fd, family = self.left.pop(description)
         return InheritedEndpoint(reactor, fd, family)
 
-    return hook
+
+def adopting_hook(inherited: dict[str, tuple[int, int]]) -> AdoptingHook:
+    return AdoptingHook(inherited)
 
 
 def worker_listen(description: str, index: int) -> str:
@@ -221,38 +228,55 @@ class Worker:
     restart: Any = None  # the delayed call that restarts it
 
 
+MAX_LINE = 1024 * 1024  # a worker's log line longer than this is cut
+_LEVELS = frozenset(LogLevel.iterconstants())
+
+
 class _WorkerProtocol(protocol.ProcessProtocol):
+    """A worker's stdout (its JSON log) and stderr, line by line, into the parent's log."""
+
     def __init__(self, supervisor: WorkerSupervisor, worker: Worker) -> None:
         self.supervisor = supervisor
         self.worker = worker
-        self.err = b""
+        self.buffers = {1: b"", 2: b""}
 
     def childDataReceived(self, fd: int, data: bytes) -> None:
-        if fd == 1:
-            self.worker.pending += data
-            *lines, self.worker.pending = self.worker.pending.split(b"\n")
-            for line in lines:
+        if fd not in self.buffers:
+            return
+        pending = self.buffers[fd] + data
+        if b"\n" not in data:  # one long line arriving in pieces: no re-split of it all
+            self.buffers[fd] = pending if len(pending) <= MAX_LINE else pending[:MAX_LINE]
+            return
+        *lines, rest = pending.split(b"\n")
+        self.buffers[fd] = rest[:MAX_LINE]
+        for line in lines:
+            self._line(fd, line[:MAX_LINE])
+
+    def _line(self, fd: int, line: bytes) -> None:
+        try:
+            if fd == 1:
                 self.supervisor.relay_log(self.worker, line)
-        elif fd == 2:
-            self.err += data
-            *lines, self.err = self.err.split(b"\n")
-            for line in lines:
-                text = line.decode("utf-8", "replace").rstrip()
-                if text:
-                    self.worker.stderr.append(text)
-                    log.error("worker-{k}: {line}", k=self.worker.index, line=text)
+            else:
+                self.supervisor.relay_stderr(self.worker, line)
+        except Exception:  # one line must never cost the pipe (Twisted closes it on a raise)
+            log.failure("worker-{k}: cannot relay a log line", k=self.worker.index)
 
     def processEnded(self, reason: Failure) -> None:
+        for fd, rest in self.buffers.items():  # a last line without its newline
+            if rest:
+                self._line(fd, rest)
+        self.buffers = {1: b"", 2: b""}
         self.supervisor.ended(self.worker, reason.value)
 
 
 class WorkerSupervisor(service.Service):
     """Starts, watches, restarts and stops the workers.
 
-    A worker that exits before it said it was ready stops the start: the parent logs its
-    message and ``on_fatal`` (exit 1) ends everything, as a single process would have. Once
-    ready, a worker that exits is restarted after ``delay`` seconds, doubling up to
-    ``max_delay`` while it keeps dying within ``stable_after`` of its start.
+    A worker that exits before it said it was ready, before every worker was ready once, stops
+    the start: the parent logs its message and ``on_fatal`` (exit 1) ends everything, as a
+    single process would have. After that, a worker that exits is restarted after ``delay``
+    seconds, doubling up to ``max_delay`` while it keeps dying within ``stable_after`` of its
+    start.
     """
 
     def __init__(self, reactor: Any, argv: Sequence[str], count: int,
@@ -271,7 +295,8 @@ class WorkerSupervisor(service.Service):
         self.env = dict(os.environ if env is None else env)
         self.workers = [Worker(k, delay=delay) for k in range(count)]
         self._stopped: defer.Deferred[None] | None = None
-        self._failed = False
+        #: Every worker was ready once: from then on a worker that fails is restarted.
+        self.started = False
 
     # -- start -------------------------------------------------------------------------
     def startService(self) -> None:
@@ -307,14 +332,27 @@ class WorkerSupervisor(service.Service):
         try:
             event = eventFromJSON(text)
         except ValueError:
+            event = None
+        if not isinstance(event, dict):
             log.info("worker-{k}: {line}", k=worker.index, line=text)
             return
         event["log_system"] = f"worker-{worker.index}"
         if event.get(READY_FIELD) and not worker.ready:
             worker.ready = True
-        if not isinstance(event.get("log_level"), LogLevel):
-            event["log_level"] = LogLevel.info
+            if all(w.ready for w in self.workers):
+                self.started = True
+        level = event.get("log_level")
+        if level not in _LEVELS:
+            event["log_level"] = level = LogLevel.info
+        if level in (LogLevel.error, LogLevel.critical):  # what fatal() says, among others
+            worker.stderr.append(" ".join(formatEvent(event).split())[:2000])
         globalLogPublisher(event)
+
+    def relay_stderr(self, worker: Worker, line: bytes) -> None:
+        text = line.decode("utf-8", "replace").rstrip()
+        if text:
+            worker.stderr.append(text)
+            log.error("worker-{k}: {line}", k=worker.index, line=text)
 
     # -- a worker's end -----------------------------------------------------------------
     def ended(self, worker: Worker, status: BaseException) -> None:
@@ -325,8 +363,10 @@ class WorkerSupervisor(service.Service):
             if all(w.process is None for w in self.workers) and not self._stopped.called:
                 self._stopped.callback(None)
             return
-        if not worker.ready:
-            self._failed = True
+        if not worker.ready and not self.started:
+            # At the first start, the configuration or what it names is wrong: end the
+            # start as one process would. Later (every worker was up once), a restart that
+            # fails, e.g. while PostgreSQL fails over, is retried with the backoff instead.
             said = "; ".join(worker.stderr) or "no message"
             self.on_fatal(f"worker {worker.index} could not start ({how}): {said}")
             return
@@ -340,8 +380,16 @@ class WorkerSupervisor(service.Service):
         worker.restart = self.clock.callLater(delay, self._respawn, worker)
 
     def _respawn(self, worker: Worker) -> None:
-        if self.running and self._stopped is None:
+        if not self.running or self._stopped is not None:
+            return
+        try:
             self.spawn(worker)
+        except Exception as e:  # EMFILE, EAGAIN, ENOMEM: try again later, never give up
+            delay, worker.delay = worker.delay, min(worker.delay * 2, self.max_delay)
+            log.error("worker-{k}: cannot start it ({e}); trying again in {delay:g} s",
+                      k=worker.index, e=e, delay=delay)
+            worker.process = None
+            worker.restart = self.clock.callLater(delay, self._respawn, worker)
 
     # -- stop ----------------------------------------------------------------------------
     def stopService(self) -> defer.Deferred[None]:

@@ -190,3 +190,55 @@ def test_stop_terms_every_worker_and_kills_those_that_hang():
     ended(fake.spawned[1][0], signal=9)
     assert stopped.called
     assert len(fake.spawned) == 2  # nothing restarted while stopping
+
+
+def test_a_restart_that_fails_once_all_were_up_is_retried_not_fatal():
+    said: list[str] = []
+    clock = task.Clock()
+    sup, fake = supervisor(clock, fatal=said.append)
+    sup.startService()
+    for k in (0, 1):
+        ready(fake.spawned[k][0], k)
+    assert sup.started
+    ended(fake.spawned[0][0], signal=9)
+    clock.advance(1)
+    ended(fake.spawned[2][0], code=1)  # its restart could not open the store, say
+    assert said == []
+    clock.advance(2)
+    assert len(fake.spawned) == 4  # tried again, backing off
+
+
+def test_a_spawn_that_fails_is_tried_again():
+    clock = task.Clock()
+    sup, fake = supervisor(clock)
+    sup.startService()
+    for k in (0, 1):
+        ready(fake.spawned[k][0], k)
+    ended(fake.spawned[0][0], signal=9)
+    real = fake.spawnProcess
+    fake.spawnProcess = lambda *a, **kw: (_ for _ in ()).throw(OSError(24, "Too many files"))
+    clock.advance(1)
+    fake.spawnProcess = real
+    assert len(fake.spawned) == 2
+    clock.advance(2)
+    assert len(fake.spawned) == 3
+
+
+def test_odd_log_lines_never_cost_the_pipe_and_the_last_one_is_kept(logged):
+    said: list[str] = []
+    sup, fake = supervisor(task.Clock(), fatal=said.append)
+    sup.startService()
+    proto = fake.spawned[0][0]
+    for line in (b"42", b"null", b"[1]", b"\x1e{\"broken\": ", b"\xff\xfe"):
+        proto.childDataReceived(1, line + b"\n")
+    proto.childDataReceived(1, b"x" * 3_000_000)  # a line without end: cut, not hoarded
+    assert len(proto.buffers[1]) <= 1024 * 1024
+    event = {"log_format": "cannot open the store {where} ([store] dsn): {why}",
+             "where": "host=db", "why": "refused", "log_level": LogLevel.critical,
+             "log_namespace": "armsproxy.tap", "log_time": 0.0}
+    proto.childDataReceived(1, b"\n\x1e" + eventAsJSON(event).encode())  # no final newline
+    ended(proto, code=1)
+    texts = [formatEvent(e) for e in logged]
+    assert any("worker-0: 42" in t for t in texts) and any("worker-0: [1]" in t for t in texts)
+    assert said == ["worker 0 could not start (status 1): cannot open the store host=db "
+                    "([store] dsn): refused"]
