@@ -303,12 +303,20 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
-def cpu_cores() -> int:
-    """The CPU cores this process may run on (its affinity, not the host's count)."""
+def cpu_cores(cgroup: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """The CPU cores this process may use: its affinity, capped by a cgroup v2 CPU quota (a
+    container limited to 2 CPUs on a 64-core host gets 2, not 64)."""
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    try:
+        quota, period = cgroup.read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return cores
 
 
 def workers_problems(cfg: Config, workers: int, setting: str) -> list[str]:
@@ -399,7 +407,6 @@ def value_problems(cfg: Config) -> list[str]:
             problems.append("[store] path: only with backend = sqlite (PostgreSQL: dsn)")
     elif cfg.store_dsn:
         problems.append("[store] dsn: only with backend = postgresql")
-    problems.extend(workers_problems(cfg, cfg.workers, "[armsproxy] workers"))
     if not 0 < cfg.store_lease_renew < cfg.store_lease:
         problems.append("[store] lease_renew, lease: 0 < lease_renew < lease (seconds)")
     if cfg.store_pool_size < 1:
@@ -545,6 +552,8 @@ def check(cfg: Config, reactor: Any = None) -> list[str]:
     unusable = (ValueError, TypeError, SSL.Error, crypto.Error)
     problems: list[str] = []
     pems: dict[str, bytes | None] = {}
+    # Here, not in value_problems: twistd's --workers overrides it (tap.makeService).
+    problems.extend(workers_problems(cfg, cfg.workers, "[armsproxy] workers"))
 
     def pem(setting: str, path: Path | None, *, with_key: bool = False) -> None:
         """Read and parse one PEM file setting; ``pems[setting]``: its bytes if usable."""

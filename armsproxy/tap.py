@@ -849,6 +849,8 @@ def makeService(options: Options) -> service.IService:
     cfg: Config = options["cfg"]
     if cfg.source != "embedded default":  # as armsproxyctl check-config does
         problems = check(cfg)
+        if options["workers"] is not None:  # --workers overrides the file's count
+            problems = [p for p in problems if not p.startswith("[armsproxy] workers")]
         if problems:
             _exit_with([f"{cfg.source}: {problem}" for problem in problems])
     drop = _privilege_drop(getattr(options, "parent", None))

@@ -242,3 +242,17 @@ def test_odd_log_lines_never_cost_the_pipe_and_the_last_one_is_kept(logged):
     assert any("worker-0: 42" in t for t in texts) and any("worker-0: [1]" in t for t in texts)
     assert said == ["worker 0 could not start (status 1): cannot open the store host=db "
                     "([store] dsn): refused"]
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("max 100000", 64), ("200000 100000", 2), ("150000 100000", 2), ("50000 100000", 1),
+    ("garbage", 64),
+])
+def test_auto_counts_the_cgroup_cpu_quota(tmp_path, monkeypatch, text, expected):
+    from armsproxy import config
+
+    monkeypatch.setattr(config.os, "sched_getaffinity", lambda pid: set(range(64)))
+    cpu_max = tmp_path / "cpu.max"
+    cpu_max.write_text(text + "\n")
+    assert config.cpu_cores(cpu_max) == expected
+    assert config.cpu_cores(tmp_path / "missing") == 64

@@ -296,3 +296,18 @@ def test_several_workers_on_sqlite_are_refused_naming_the_setting(tmp_path, how)
     setting = "--workers" if how == "option" else "[armsproxy] workers"
     assert f"{setting} = 2: several worker processes need [store] backend = postgresql" \
         in text, text
+
+
+def test_workers_1_on_the_command_line_overrides_the_files_count(tmp_path):
+    pki = pki_mod.ensure_dev_pki(tmp_path / "pki", ["127.0.0.1"])
+    gate_port = free_port()
+    conf = write_conf(tmp_path, dsn="", pki=pki, sa_port=free_port(), gate_port=gate_port,
+                      management_port=free_port(), rs_port=free_port(), backend="sqlite",
+                      workers=2)
+    log_path = tmp_path / "armsproxy.log"
+    proxy = twistd(conf, log_path, "--workers", "1")
+    try:
+        wait_port(gate_port, proxy, log_path)  # one process, as the option says
+    finally:
+        proxy.send_signal(signal.SIGTERM)
+        assert proxy.wait(30) in (0, -signal.SIGTERM)
