@@ -226,6 +226,7 @@ class Worker:
     stderr: deque[str] = field(default_factory=lambda: deque(maxlen=5))
     pending: bytes = b""
     restart: Any = None  # the delayed call that restarts it
+    exits: deque[float] = field(default_factory=deque)  # when it exited, lately
 
 
 MAX_LINE = 1024 * 1024  # a worker's log line longer than this is cut
@@ -276,14 +277,16 @@ class WorkerSupervisor(service.Service):
     the start: the parent logs its message and ``on_fatal`` (exit 1) ends everything, as a
     single process would have. After that, a worker that exits is restarted after ``delay``
     seconds, doubling up to ``max_delay`` while it keeps dying within ``stable_after`` of its
-    start.
+    start; one that exits ``max_crashes`` times within ``crash_window`` seconds ends armsproxy
+    (exit 1), as a single process crashing would, for the service manager to see.
     """
 
     def __init__(self, reactor: Any, argv: Sequence[str], count: int,
                  listeners: dict[str, tuple[int, int]], *,
                  on_fatal: Callable[[str], None], clock: IReactorTime | None = None,
                  delay: float = 1.0, max_delay: float = 30.0, stable_after: float = 10.0,
-                 stop_timeout: float = 20.0, env: dict[str, str] | None = None) -> None:
+                 stop_timeout: float = 20.0, env: dict[str, str] | None = None,
+                 max_crashes: int = 5, crash_window: float = 300.0) -> None:
         self.reactor = reactor
         self.clock = clock if clock is not None else reactor
         self.argv = list(argv)
@@ -292,6 +295,7 @@ class WorkerSupervisor(service.Service):
         self.on_fatal = on_fatal
         self.delay, self.max_delay, self.stable_after = delay, max_delay, stable_after
         self.stop_timeout = stop_timeout
+        self.max_crashes, self.crash_window = max_crashes, crash_window
         self.env = dict(os.environ if env is None else env)
         self.workers = [Worker(k, delay=delay) for k in range(count)]
         self._stopped: defer.Deferred[None] | None = None
@@ -370,7 +374,18 @@ class WorkerSupervisor(service.Service):
             said = "; ".join(worker.stderr) or "no message"
             self.on_fatal(f"worker {worker.index} could not start ({how}): {said}")
             return
-        lived = self.clock.seconds() - worker.started
+        now = self.clock.seconds()
+        worker.exits.append(now)
+        while worker.exits and worker.exits[0] <= now - self.crash_window:
+            worker.exits.popleft()
+        if len(worker.exits) >= self.max_crashes:
+            # Crash-looping: say so the way one process would, with status 1, and let the
+            # service manager (Restart=on-failure) or the operator take it from here.
+            said = "; ".join(worker.stderr) or "no message"
+            self.on_fatal(f"worker {worker.index} exited {len(worker.exits)} times within "
+                          f"{self.crash_window:g} s ({how}): {said}")
+            return
+        lived = now - worker.started
         if lived >= self.stable_after:  # it ran a while: a fresh start, not a crash loop
             worker.delay = self.delay
         delay, worker.delay = worker.delay, min(worker.delay * 2, self.max_delay)

@@ -106,11 +106,12 @@ def logged():
     globalLogPublisher.removeObserver(events.append)
 
 
-def supervisor(clock, fatal=None, count=2):
+def supervisor(clock, fatal=None, count=2, **options):
     fake = FakeReactor()
     sup = WorkerSupervisor(fake, ["python", "-m", "twisted"], count,
                            {"tcp:1": (11, socket.AF_INET), "tcp:2": (12, socket.AF_INET)},
-                           on_fatal=(fatal or (lambda message: None)), clock=clock, env={})
+                           on_fatal=(fatal or (lambda message: None)), clock=clock, env={},
+                           **options)
     return sup, fake
 
 
@@ -143,7 +144,7 @@ def test_worker_logs_are_relayed_tagged_with_the_worker(logged):
 
 def test_a_worker_that_dies_is_restarted_backing_off_while_it_keeps_dying(logged):
     clock = task.Clock()
-    sup, fake = supervisor(clock)
+    sup, fake = supervisor(clock, max_crashes=100)
     sup.startService()
     ready(fake.spawned[0][0], 0)
     delays = []
@@ -256,3 +257,36 @@ def test_auto_counts_the_cgroup_cpu_quota(tmp_path, monkeypatch, text, expected)
     cpu_max.write_text(text + "\n")
     assert config.cpu_cores(cpu_max) == expected
     assert config.cpu_cores(tmp_path / "missing") == 64
+
+
+def test_a_worker_that_keeps_crashing_ends_armsproxy_for_the_service_manager():
+    said: list[str] = []
+    clock = task.Clock()
+    sup, fake = supervisor(clock, fatal=said.append)
+    sup.startService()
+    for k in (0, 1):
+        ready(fake.spawned[k][0], k)
+    proto = fake.spawned[0][0]
+    for crash in range(5):
+        clock.advance(50)  # each lived 50 s, well past stable_after: 5 in 250 s all the same
+        assert said == []
+        ended(proto, signal=11)
+        if crash < 4:
+            clock.advance(1)
+            proto = fake.spawned[-1][0]
+            ready(proto, 0)
+    assert said == ["worker 0 exited 5 times within 300 s (signal 11): no message"]
+    # Crashes spread over more than the window are only restarted.
+    said.clear()
+    sup, fake = supervisor(clock, fatal=said.append)
+    sup.startService()
+    for k in (0, 1):
+        ready(fake.spawned[k][0], k)
+    proto = fake.spawned[0][0]
+    for _ in range(8):
+        clock.advance(100)
+        ended(proto, signal=11)
+        clock.advance(1)
+        proto = fake.spawned[-1][0]
+        ready(proto, 0)
+    assert said == []
