@@ -115,6 +115,15 @@ def supervisor(clock, fatal=None, count=2, **options):
     return sup, fake
 
 
+def all_up(clock, **options):
+    """A supervisor whose two workers have both said they are ready."""
+    sup, fake = supervisor(clock, **options)
+    sup.startService()
+    for k in (0, 1):
+        ready(fake.spawned[k][0], k)
+    return sup, fake
+
+
 def test_workers_get_the_listeners_as_descriptors_from_3_and_a_lifeline():
     sup, fake = supervisor(task.Clock())
     sup.startService()
@@ -196,10 +205,7 @@ def test_stop_terms_every_worker_and_kills_those_that_hang():
 def test_a_restart_that_fails_once_all_were_up_is_retried_not_fatal():
     said: list[str] = []
     clock = task.Clock()
-    sup, fake = supervisor(clock, fatal=said.append)
-    sup.startService()
-    for k in (0, 1):
-        ready(fake.spawned[k][0], k)
+    sup, fake = all_up(clock, fatal=said.append)
     assert sup.started
     ended(fake.spawned[0][0], signal=9)
     clock.advance(1)
@@ -262,10 +268,7 @@ def test_auto_counts_the_cgroup_cpu_quota(tmp_path, monkeypatch, text, expected)
 def test_a_worker_that_keeps_crashing_ends_armsproxy_for_the_service_manager():
     said: list[str] = []
     clock = task.Clock()
-    sup, fake = supervisor(clock, fatal=said.append)
-    sup.startService()
-    for k in (0, 1):
-        ready(fake.spawned[k][0], k)
+    _sup, fake = all_up(clock, fatal=said.append)
     proto = fake.spawned[0][0]
     for crash in range(5):
         clock.advance(50)  # each lived 50 s, well past stable_after: 5 in 250 s all the same
@@ -278,10 +281,7 @@ def test_a_worker_that_keeps_crashing_ends_armsproxy_for_the_service_manager():
     assert said == ["worker 0 exited 5 times within 300 s (signal 11): no message"]
     # Crashes spread over more than the window are only restarted.
     said.clear()
-    sup, fake = supervisor(clock, fatal=said.append)
-    sup.startService()
-    for k in (0, 1):
-        ready(fake.spawned[k][0], k)
+    _sup, fake = all_up(clock, fatal=said.append)
     proto = fake.spawned[0][0]
     for _ in range(8):
         clock.advance(100)
