@@ -95,6 +95,8 @@ for _p in (ROOT, ROOT / "tests"):
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
 
+from pgserver import db_rows, live_instances  # noqa: E402  (tests/, on the path above)
+
 
 def _load_cpu() -> ModuleType:
     import importlib.util
@@ -203,22 +205,6 @@ def ops_by_owner(dsn: str, prefix: str) -> dict[str, int]:
         dsn, "SELECT r.tunnel_owner, count(*) FROM operations o JOIN sa_registry r"
              " ON r.distribution_id = o.distribution_id"
              f" WHERE o.request_id LIKE '{prefix}-%' GROUP BY r.tunnel_owner")}
-
-
-def db_rows(dsn: str, sql: str) -> list[tuple[Any, ...]]:
-    import psycopg
-
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        return list(conn.execute(sql).fetchall())
-
-
-def live_instances(dsn: str) -> dict[int, str]:
-    """pid -> instance id of the live leases (instance ids are host:pid:random)."""
-    if db_rows(dsn, "SELECT to_regclass('instances')") == [(None,)]:
-        return {}
-    rows = db_rows(dsn, "SELECT instance_id FROM instances"
-                        " WHERE lease_until > extract(epoch from clock_timestamp())")
-    return {int(instance.split(":")[1]): instance for (instance,) in rows}
 
 
 def tunnel_spread(dsn: str) -> dict[str, int]:
@@ -653,13 +639,7 @@ def raise_fd_limit(tunnels_n: int) -> tuple[tuple[int, int], int | None]:
 # -- main -------------------------------------------------------------------------------------
 
 def run(args: argparse.Namespace) -> int:
-    started = time.monotonic()
-
-    def remaining() -> float:
-        left = args.timeout - (time.monotonic() - started)
-        if left <= 0:
-            raise SystemExit(f"the run took longer than --timeout {args.timeout:.0f} s")
-        return left
+    remaining = tunnels.time_left(args.timeout)
 
     limits, args.max_connections = raise_fd_limit(args.tunnels)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit("terminated"))

@@ -161,7 +161,7 @@ import time
 import urllib.request
 import xmlrpc.client
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -1237,6 +1237,19 @@ class Memory:
         return self.per_tunnel(self.after_trim, n)
 
 
+def time_left(timeout: float) -> Callable[[], float]:
+    """Seconds left of a run's ``--timeout`` from now, each call; past it, the run ends."""
+    started = time.monotonic()
+
+    def remaining() -> float:
+        left = timeout - (time.monotonic() - started)
+        if left <= 0:
+            raise SystemExit(f"the run took longer than --timeout {timeout:.0f} s")
+        return left
+
+    return remaining
+
+
 def raise_fd_limit(needed: int) -> tuple[int, int]:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     target = hard if hard != resource.RLIM_INFINITY else max(soft, needed)
@@ -1275,13 +1288,7 @@ def diagnose_lines(base: dict[str, Any], full: dict[str, Any], trace: dict[str, 
 
 
 def run(args: argparse.Namespace) -> int:
-    started = time.monotonic()
-
-    def remaining() -> float:
-        left = args.timeout - (time.monotonic() - started)
-        if left <= 0:
-            raise SystemExit(f"the run took longer than --timeout {args.timeout:.0f} s")
-        return left
+    remaining = time_left(args.timeout)
 
     limits = raise_fd_limit(2 * args.tunnels + args.warm + 1000)
     if limits[0] < 2 * args.tunnels + args.warm + 200:

@@ -131,6 +131,24 @@ def drop_database(cluster: PGCluster, name: str) -> None:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+def db_rows(dsn: str, sql: str, *args: object) -> list[tuple]:
+    """Rows of one statement, on a connection of its own (the tests and bench/scale.py look
+    into the store armsproxy processes share)."""
+    import psycopg
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        return conn.execute(sql, args or None).fetchall()
+
+
+def live_instances(dsn: str) -> dict[int, str]:
+    """pid -> instance id of the live leases (instance ids are host:pid:random)."""
+    if db_rows(dsn, "SELECT to_regclass('instances')") == [(None,)]:
+        return {}
+    rows = db_rows(dsn, "SELECT instance_id FROM instances"
+                        " WHERE lease_until > extract(epoch from clock_timestamp())")
+    return {int(instance.split(":")[1]): instance for (instance,) in rows}
+
+
 @pytest.fixture
 def pg_dsn(pg_cluster: PGCluster) -> Iterator[str]:
     """The DSN of a fresh, empty database for this test alone."""

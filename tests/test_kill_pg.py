@@ -32,10 +32,10 @@ import xmlrpc.client
 from collections import Counter
 from pathlib import Path
 
-import psycopg
 import pytest
 import pytest_twisted
 from lxml import etree
+from pgserver import db_rows
 from twisted.internet import defer, reactor, task, threads
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
 from twisted.internet.protocol import Factory, Protocol
@@ -282,11 +282,6 @@ def marker(operation: str, params: dict) -> bytes | None:
     if operation == "clear-status":
         return f"{params['status_requests'][0]['param']}<".encode()
     return None
-
-
-def db_rows(dsn: str, sql: str, *args) -> list[tuple]:
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        return conn.execute(sql, args or None).fetchall()
 
 
 # -- the test --------------------------------------------------------------------------------

@@ -185,10 +185,7 @@ def test_a_worker_that_never_got_ready_stops_the_start_with_its_message():
 
 def test_stop_terms_every_worker_and_kills_those_that_hang():
     clock = task.Clock()
-    sup, fake = supervisor(clock)
-    sup.startService()
-    for k in (0, 1):
-        ready(fake.spawned[k][0], k)
+    sup, fake = all_up(clock)
     ended(fake.spawned[0][0], signal=9)  # one dead, its restart pending
     assert clock.getDelayedCalls()
     stopped = sup.stopService()
@@ -217,10 +214,7 @@ def test_a_restart_that_fails_once_all_were_up_is_retried_not_fatal():
 
 def test_a_spawn_that_fails_is_tried_again():
     clock = task.Clock()
-    sup, fake = supervisor(clock)
-    sup.startService()
-    for k in (0, 1):
-        ready(fake.spawned[k][0], k)
+    _sup, fake = all_up(clock)
     ended(fake.spawned[0][0], signal=9)
     real = fake.spawnProcess
     fake.spawnProcess = lambda *a, **kw: (_ for _ in ()).throw(OSError(24, "Too many files"))

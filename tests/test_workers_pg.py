@@ -20,7 +20,9 @@ from pathlib import Path
 
 import pytest
 import pytest_twisted
-from test_kill_pg import KEY, ROOT, db_rows, free_port, start_demo_rs, wait_port
+from pgserver import db_rows
+from pgserver import live_instances as instances
+from test_kill_pg import KEY, ROOT, free_port, start_demo_rs, wait_port
 from twisted.internet import reactor, threads
 
 from armsproxy import pki as pki_mod
@@ -89,15 +91,6 @@ def free_port_pair() -> int:
                 continue
         return port
     raise AssertionError("no two consecutive free ports")
-
-
-def instances(dsn: str) -> dict[int, str]:
-    """pid -> instance id of the live leases."""
-    if db_rows(dsn, "SELECT to_regclass('instances')") == [(None,)]:
-        return {}
-    rows = db_rows(dsn, "SELECT instance_id FROM instances"
-                        " WHERE lease_until > extract(epoch from clock_timestamp())")
-    return {int(instance.split(":")[1]): instance for (instance,) in rows}
 
 
 def get(url: str) -> tuple[int, str]:
