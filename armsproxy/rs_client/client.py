@@ -404,8 +404,17 @@ def _dumps(params: tuple[Any, ...], method: str) -> bytes:
     same bytes (tests/test_rs_client.py compares them). Every pull's call is a distid and a
     struct of strings: those shapes are written here in a few string operations, not the
     Marshaller's dozens of calls; anything else goes to the stdlib."""
+    text = _strings_call(params, method)
+    if text is None:
+        text = xmlrpc.client.dumps(params, method, allow_none=False)
+    return text.encode("utf-8")
+
+
+def _strings_call(params: tuple[Any, ...], method: str) -> str | None:
+    """The methodCall of strings and structs of strings as xmlrpc.client writes it; None for
+    any other shape."""
     if type(params) is not tuple or type(method) is not str or not method:
-        return xmlrpc.client.dumps(params, method, allow_none=False).encode("utf-8")
+        return None
     out = ["<?xml version='1.0'?>\n<methodCall>\n<methodName>", method,
            "</methodName>\n<params>\n"]
     for param in params:
@@ -416,14 +425,14 @@ def _dumps(params: tuple[Any, ...], method: str) -> bytes:
             out.append("<param>\n<value><struct>\n")
             for key, value in param.items():
                 if type(key) is not str or type(value) is not str:
-                    return xmlrpc.client.dumps(params, method, allow_none=False).encode("utf-8")
+                    return None
                 out.append(f"<member>\n<name>{_escape(key)}</name>\n<value><string>"
                            f"{_escape(value)}</string></value>\n</member>\n")
             out.append("</struct></value>\n</param>\n")
         else:
-            return xmlrpc.client.dumps(params, method, allow_none=False).encode("utf-8")
+            return None
     out.append("</params>\n</methodCall>\n")
-    return "".join(out).encode("utf-8")
+    return "".join(out)
 
 
 def _unmarshal(data: bytes) -> Any:
