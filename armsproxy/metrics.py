@@ -102,6 +102,16 @@ def _openssl_version() -> str:
         return ""
 
 
+def _child(cache: dict[tuple[str, ...], Any], family: Any, key: tuple[str, ...]) -> Any:
+    """``family.labels(*key)``, kept in ``cache``: labels() validates and locks on every
+    call, and the hot series are counted per operation (their label tuples are bounded:
+    operations x outcomes x classes)."""
+    child = cache.get(key)
+    if child is None:
+        child = cache[key] = family.labels(*key)
+    return child
+
+
 class Metrics:
     """One armsproxy's instruments and registry; :meth:`render` answers a scrape.
 
@@ -149,28 +159,20 @@ class Metrics:
             "armsproxy_rs_call_duration_seconds",
             "One XML-RPC call to the RS, whole (connect, send, answer, body), by method and "
             "outcome.", ("method", "outcome"), buckets=RS_BUCKETS, registry=self.registry)
-        self._finals: dict[tuple[str, str, str], Any] = {}
-        self._submits: dict[tuple[str, str], Any] = {}
-        self._attempts: dict[tuple[str, str, str], Any] = {}
-        self._rs_calls: dict[tuple[str, str], Any] = {}
+        self._finals: dict[tuple[str, ...], Any] = {}
+        self._submits: dict[tuple[str, ...], Any] = {}
+        self._attempts: dict[tuple[str, ...], Any] = {}
+        self._rs_calls: dict[tuple[str, ...], Any] = {}
 
-    # labels() validates and locks on every call: the children of the hot series are kept
-    # here per label tuple (bounded: operations x outcomes x classes), one dict look-up each.
     def push_final(self, operation: str, outcome: str, result_code: int | None) -> None:
         """An operation reached ``outcome`` (succeeded, failed, expired, cancelled)."""
-        key = (operation, outcome, result_class(result_code))
-        child = self._finals.get(key)
-        if child is None:
-            child = self._finals[key] = self.push_operations.labels(*key)
-        child.inc()
+        _child(self._finals, self.push_operations,
+               (operation, outcome, result_class(result_code))).inc()
 
     def push_submit(self, operation: str, created: bool) -> None:
         """push.submit took an order: stored (``created``) or a repeat of one."""
-        key = (operation, SUBMIT_OUTCOMES[0 if created else 1])
-        child = self._submits.get(key)
-        if child is None:
-            child = self._submits[key] = self.push_submitted.labels(*key)
-        child.inc()
+        _child(self._submits, self.push_submitted,
+               (operation, SUBMIT_OUTCOMES[0 if created else 1])).inc()
 
     def push_requeue(self, operation: str, reason: str) -> None:
         """An operation went back to its queue (``reason`` one of REQUEUE_REASONS)."""
@@ -179,19 +181,14 @@ class Metrics:
     def push_attempt(self, operation: str, method: str, error: BaseException | None,
                      seconds: float) -> None:
         """One push attempt ended: answered (``error`` None) or failed with ``error``."""
-        key = (operation, method, "answered" if error is None else error_outcome(error))
-        child = self._attempts.get(key)
-        if child is None:
-            child = self._attempts[key] = self.push_duration.labels(*key)
-        child.observe(max(seconds, 0.0))
+        outcome = "answered" if error is None else error_outcome(error)
+        _child(self._attempts, self.push_duration, (operation, method, outcome)).observe(
+            max(seconds, 0.0))
 
     def rs_call(self, method: str, error: BaseException | None, seconds: float) -> None:
         """One RS call ended: answered (``error`` None) or failed with ``error``."""
-        key = (method, error_outcome(error))
-        child = self._rs_calls.get(key)
-        if child is None:
-            child = self._rs_calls[key] = self.rs_call_duration.labels(*key)
-        child.observe(max(seconds, 0.0))
+        _child(self._rs_calls, self.rs_call_duration, (method, error_outcome(error))).observe(
+            max(seconds, 0.0))
 
     def render(self, accept: str = "") -> tuple[bytes, str]:
         """(body, content type): OpenMetrics to a scraper that asks for it (Prometheus

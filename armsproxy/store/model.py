@@ -81,10 +81,12 @@ os.register_at_fork(after_in_child=_id_pool.clear)  # a child never repeats its 
 def new_operation_id() -> str:
     """A random (version 4) UUID as 32 hex digits, as ``uuid.uuid4().hex`` gives, for less:
     random bytes are read for many ids at once and no UUID object is built."""
-    if not _id_pool:
+    try:
+        value = _id_pool.pop()  # atomic: two threads never get the same one
+    except IndexError:
         data = os.urandom(16 * _ID_BATCH)
-        _id_pool.extend(int.from_bytes(data[i:i + 16], "big") for i in range(0, len(data), 16))
-    value = _id_pool.pop()
+        _id_pool.extend(int.from_bytes(data[i:i + 16], "big") for i in range(16, len(data), 16))
+        value = int.from_bytes(data[:16], "big")
     # RFC 4122: version 4 in bits 76-79, variant 10 in bits 62-63 (what uuid.UUID(version=4)
     # sets).
     value = (value & ~(0xF000 << 64) & ~(0xC000 << 48)) | (0x4000 << 64) | (0x8000 << 48)
