@@ -25,8 +25,11 @@ from conftest import http_get
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import reactor, task, threads
 from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.interfaces import ITCPTransport
 from twisted.internet.protocol import Factory, Protocol
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.web.resource import Resource
+from zope.interface import implementedBy, providedBy
 
 from armsproxy import limits
 from armsproxy.config import ConfigError, embedded, load
@@ -275,6 +278,10 @@ async def test_a_tls_listener_counts_in_its_tls_factory_without_a_wrapper(gate_p
         assert limit.open == 2
         servers = [o for o in port.factory.protocols]
         assert all(type(p.wrappedProtocol) is _Echo for p in servers)  # no wrapper between
+        for p in servers:  # DeviceTLSProtocol.makeConnection declares what Twisted's does
+            assert set(providedBy(p)) == set(providedBy(p.transport)) | set(
+                implementedBy(TLSMemoryBIOProtocol))
+            assert ITCPTransport.providedBy(p.wrappedProtocol.transport)
         refused = Client(port.getHost().port)
         await _until(refused.closed, "the refusal")
         assert refused.received == b"" and limit.refusals["max_connections"] == 1
