@@ -210,7 +210,7 @@ class InstanceService(service.MultiService):
         if not self.running:
             return
         try:
-            leading = await self.store.lead()
+            leading = await self.store.lead(self.id)
         except Exception as e:
             log.warn("instance {id}: cannot ask for leadership ({e})", id=self.id, e=str(e))
             leading = False

@@ -9,6 +9,7 @@ one reading the start answer. tests/test_kill_pg.py does it with real processes 
 
 from __future__ import annotations
 
+import psycopg
 import pytest
 import pytest_twisted
 from test_push_engine import (
@@ -174,6 +175,65 @@ async def test_one_leader_at_a_time_and_another_when_it_goes(stores):
     assert not await c.lead()
     await b.resign()
     assert await c.lead()
+
+
+async def _leads_soon(store, instance_id: str) -> None:
+    """The ended session's backend lets its lock go a moment after the signal."""
+    for _ in range(500):
+        if await store.lead(instance_id):
+            return
+        await task.deferLater(reactor, 0.01, lambda: None)
+    raise AssertionError(f"{instance_id} never got the leader lock")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_frozen_leaders_session_is_ended_when_its_lease_runs_out(stores, logs):
+    """A leader that froze keeps its session, and the lock with it, for as long as its
+    host answers: the survivor that takes over its expired lease ends that session."""
+    a, b, c = await stores(3)
+    for store, name, until_ in ((a, "a", T0 + 3), (b, "b", T0 + 100), (c, "c", T0 + 2)):
+        await store.register_instance(name, host="h", pid=1, now=T0, lease_until=until_)
+    assert await a.lead("a") and not await b.lead("b")
+    await b.take_over("b", T0 + 2.5)  # c is gone (it never led): a's lease is still live
+    assert await a.lead("a") and not await b.lead("b")
+    assert not logs.find("leader-lock session")
+    await b.take_over("b", T0 + 5)  # a froze: it renewed nothing
+    await _leads_soon(b, "b")
+    assert logs.find("ended 1 leader-lock session", level="warn")
+    assert not await a.lead("a")  # thawed: its session is gone, and the lock is b's
+    assert logs.find("leader lock session lost", level="warn")
+    assert await b.lead("b")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_session_that_cannot_be_ended_is_reported_and_the_take_over_holds(
+        stores, pg_dsn, logs):
+    """Another role's session (here a superuser's) cannot be ended: an error line that says
+    what to do, and the rest of the take-over is done all the same."""
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute("CREATE ROLE other LOGIN")
+        conn.execute("GRANT ALL ON ALL TABLES IN SCHEMA public TO other")
+        conn.execute("GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO other")
+    (a,) = await stores(1)  # the schema exists now: grant again for what it created
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute("GRANT ALL ON ALL TABLES IN SCHEMA public TO other")
+        conn.execute("GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO other")
+    b = PostgreSQLStore(pg_dsn.replace("user=postgres", "user=other"), reactor=reactor,
+                        clock=a._clock, pool_size=2)
+    await b.open()
+    try:
+        await a.register_instance("a", host="h", pid=1, now=T0, lease_until=T0 + 3)
+        await b.register_instance("b", host="h", pid=2, now=T0, lease_until=T0 + 100)
+        assert await a.lead("a")
+        op, _ = await a.submit(order(DISTID))
+        assert len(await a.claim_dispatchable(T0 + 1, 10, instance_id="a")) == 1
+        (taken,) = await b.take_over("b", T0 + 5)
+        assert taken.operation_id == op.operation_id and taken.claimed_by == "b"
+        assert logs.find("cannot end the leader-lock session", "pg_signal_backend",
+                         level="error")
+        assert await a.lead("a") and not await b.lead("b")  # the lock stays where it was
+    finally:
+        await b.close()
 
 
 @pytest_twisted.ensureDeferred

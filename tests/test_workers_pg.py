@@ -28,6 +28,7 @@ from twisted.internet import reactor, threads
 from armsproxy import pki as pki_mod
 from armsproxy.demo_rs import cli as demo_cli
 from armsproxy.device import DeviceBehaviour, DeviceModule, SimulatedDevice, SimulatedSA
+from armsproxy.store.postgresql import LEADER_LOCK, lead_session_name
 
 pytestmark = pytest.mark.timeout(150)
 
@@ -251,6 +252,43 @@ async def test_two_workers_share_the_listeners_and_one_killed_is_replaced(setup)
     assert await threads.deferToThread(parent.wait, 40) in (0, -signal.SIGTERM)
     assert not any(alive(pid) for pid in pids)
     assert instances(dsn) == {}
+
+
+def leader_lock_holders(dsn: str) -> list[str]:
+    """application_name of the sessions holding the leader lock (one, or none meanwhile)."""
+    return [name for (name,) in db_rows(
+        dsn, "SELECT a.application_name FROM pg_locks AS l JOIN pg_stat_activity AS a"
+             " ON a.pid = l.pid WHERE l.locktype = 'advisory' AND l.granted"
+             " AND l.objsubid = 1 AND l.objid = %s", LEADER_LOCK)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_frozen_leader_loses_the_lead_to_a_live_worker(setup):
+    """SIGSTOP of the worker that leads (outbox, purges): its session would hold the lock
+    for as long as the host answers; the other worker takes its expired lease over, ends
+    that session and leads. Thawed, the frozen one finds out and stops leading."""
+    dsn = setup["dsn"]
+    parent = await start_workers(setup, 2)
+    workers = instances(dsn)
+    names = {lead_session_name(instance): pid for pid, instance in workers.items()}
+    holders = await until(lambda: leader_lock_holders(dsn), what="a leader")
+    frozen = names[holders[0]]
+    (other,) = set(workers) - {frozen}
+    os.kill(frozen, signal.SIGSTOP)
+    try:
+        # lease 3 s, renewed and taken over every 1 s: the other leads within seconds.
+        await until(lambda: leader_lock_holders(dsn) == [lead_session_name(workers[other])],
+                    what="the live worker to lead")
+        text = setup["log"].read_text()
+        assert "ended 1 leader-lock session" in text, text[-3000:]
+    finally:
+        os.kill(frozen, signal.SIGCONT)
+    await until(lambda: "no longer leads" in setup["log"].read_text(),
+                what="the thawed worker to stop leading")
+    assert leader_lock_holders(dsn) == [lead_session_name(workers[other])]
+    assert parent.poll() is None and alive(frozen)
+    parent.send_signal(signal.SIGTERM)
+    assert await threads.deferToThread(parent.wait, 40) in (0, -signal.SIGTERM)
 
 
 @pytest_twisted.ensureDeferred

@@ -192,11 +192,13 @@ class Store(Protocol):
         """A clean stop: the instance's row and its tunnel ownerships go at once, so that
         the next ``take_over`` of any instance resolves what it left ``sending``."""
 
-    async def lead(self) -> bool:
+    async def lead(self, instance_id: str | None = None) -> bool:
         """Hold (take if free, or check still held) the lock that lets one instance at a
         time run the duties of one (event outbox, purges); whether this process holds it.
-        PostgreSQL: a session-level advisory lock on a connection of its own, lost when the
-        process or its session dies. SQLite: always True (one process)."""
+        PostgreSQL: a session-level advisory lock on a connection of its own (named after
+        ``instance_id``), lost when the process or its session dies, or when a survivor's
+        ``take_over`` finds the instance's lease run out and ends that session. SQLite:
+        always True (one process)."""
 
     async def resign(self) -> None:
         """Let go of what :meth:`lead` holds."""

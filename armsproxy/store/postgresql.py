@@ -39,6 +39,7 @@ off`` would acknowledge orders a crash can lose, so such sessions are switched t
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import uuid
 from collections.abc import Callable, Collection, Sequence
@@ -90,6 +91,15 @@ _RAW = "ARRAY(SELECT r.entry FROM operation_raw AS r WHERE r.op_seq = {t}.seq OR
 # lead(): the advisory lock one instance holds to run the outbox and the purges ("ARMS" + 1;
 # the migrations' transaction-scoped lock is "ARMS").
 LEADER_LOCK = 0x41524D54
+
+
+def lead_session_name(instance_id: str) -> str:
+    """The ``application_name`` of an instance's leader-lock session: how a survivor finds
+    it in ``pg_stat_activity`` once the instance's lease ran out (a digest: PostgreSQL cuts
+    names at 63 bytes, and an instance id holds a host name)."""
+    return "armsproxy lead " + hashlib.sha256(instance_id.encode()).hexdigest()[:16]
+
+
 # announce()/listen(): one channel; the payload is "<sender token> <topic>".
 CHANNEL = "armsproxy"
 _LISTEN_POLL = 0.5  # how often the listening thread looks at its stop flag
@@ -371,13 +381,16 @@ class PostgreSQLStore:
     def _now(self) -> float:
         return float(self._clock.seconds())
 
-    def _direct_connect(self, **extra: Any) -> Conn:
-        """A connection outside the pool (autocommit), for LISTEN and the leader lock."""
+    def _direct_connect(self, *, name: str | None = None, **extra: Any) -> Conn:
+        """A connection outside the pool (autocommit), for LISTEN and the leader lock;
+        ``name``, if given, is its ``application_name`` whatever the DSN says."""
         kwargs: dict[str, Any] = {"autocommit": True}
         params = conninfo_to_dict(self.dsn)
         if "connect_timeout" not in params:
             kwargs["connect_timeout"] = max(1, round(self._connect_timeout))
-        if "application_name" not in params:
+        if name is not None:
+            kwargs["application_name"] = name
+        elif "application_name" not in params:
             kwargs["application_name"] = "armsproxy"
         for name, value in extra.items():
             if name not in params:
@@ -454,11 +467,19 @@ class PostgreSQLStore:
     async def take_over(self, instance_id: str | None, now: float) -> list[Operation]:
         if instance_id is None:
             return await self.in_states({SENDING})
-        dead, ops = await self._run("take_over", _take_over, instance_id, now)
+        dead, ops, ended, refused = await self._run("take_over", _take_over, instance_id, now)
         if dead:
             _log.warn("store: instance(s) {dead} stopped renewing their lease: taken over by"
                       " {me} ({n} operation(s) they were sending)", dead=", ".join(dead),
                       me=instance_id, n=len(ops))
+        if ended:
+            _log.warn("store: ended {n} leader-lock session(s) of the instance(s) whose lease"
+                      " ran out (frozen, not dead?): another instance can lead", n=ended)
+        for why in refused:
+            _log.error("store: cannot end the leader-lock session of an instance whose lease"
+                       " ran out ({why}): the event outbox and the purges wait until it"
+                       " resumes or its connection dies; give every instance the same"
+                       " PostgreSQL role (or pg_signal_backend)", why=why)
         return ops
 
     async def in_states(self, states: Collection[str]) -> list[Operation]:
@@ -541,16 +562,16 @@ class PostgreSQLStore:
         await self._run("retire_instance", _retire_instance, instance_id,
                         key=("instance", instance_id))
 
-    async def lead(self) -> bool:
+    async def lead(self, instance_id: str | None = None) -> bool:
         if self._pool is None:
             await self._until_opened()
         threads = self._threads
         if threads is None:
             raise StoreError("store is not open")
         return await deferToThreadPool(self._reactor, threads,  # type: ignore[arg-type]
-                                       self._lead_in_thread)
+                                       self._lead_in_thread, instance_id)
 
-    def _lead_in_thread(self) -> bool:
+    def _lead_in_thread(self, instance_id: str | None) -> bool:
         """Take the leader lock on a session of our own, or check that session is alive
         (the lock lives as long as it). Any failure: not leading, the session dropped."""
         if self.db_hook is not None:
@@ -561,6 +582,7 @@ class PostgreSQLStore:
                     self._leading = False
                     # A dead peer must not keep us "leading": the kernel gives up on it.
                     self._lead_conn = self._direct_connect(
+                        name=None if instance_id is None else lead_session_name(instance_id),
                         keepalives=1, keepalives_idle=5, keepalives_interval=2,
                         keepalives_count=3, tcp_user_timeout=10000)
                 if self._leading:
@@ -974,12 +996,16 @@ def _sa_list(conn: Conn, limit: int, offset: int, confirmed: bool | None) -> lis
 
 
 def _take_over(conn: Conn, instance_id: str,
-               now: float) -> tuple[list[str], list[Operation]]:
+               now: float) -> tuple[list[str], list[Operation], int, list[str]]:
     """Expired instances (rows another take-over or a claim holds are skipped: next time)
     are deleted and their tunnels released; then every `sending` operation whose claimer
     has no row (expired just now, retired, or claimed by none) becomes ours. Under READ
     COMMITTED a concurrent take-over that re-claimed one first makes the row's re-check
-    (claimed_by now names a live instance) leave it to that one."""
+    (claimed_by now names a live instance) leave it to that one.
+
+    The expired instances' leader-lock sessions are ended too: a process that froze (stopped,
+    hung, its VM paused) keeps its session, and with it the leader lock, for as long as its
+    host's kernel answers; the outbox and the purges would wait for it."""
     dead = [row[0] for row in conn.execute(
         "SELECT instance_id FROM instances WHERE lease_until < %s AND instance_id <> %s"
         " FOR UPDATE SKIP LOCKED", (now, instance_id)).fetchall()]
@@ -987,6 +1013,7 @@ def _take_over(conn: Conn, instance_id: str,
         conn.execute("DELETE FROM instances WHERE instance_id = ANY(%s)", (dead,))
         conn.execute("UPDATE sa_registry SET tunnel_owner = NULL"
                      " WHERE tunnel_owner = ANY(%s)", (dead,))
+    ended, refused = _end_lead_sessions(conn, dead) if dead else (0, [])
     # operations_state_sa: the `sending` range only (a few per SA being sent to).
     rows = conn.execute(
         f"UPDATE operations AS o SET claimed_by = %s WHERE o.state = '{SENDING}'"
@@ -996,7 +1023,26 @@ def _take_over(conn: Conn, instance_id: str,
         (instance_id, dead),
     ).fetchall()
     rows.sort(key=lambda row: row[-1])  # RETURNING order is unspecified
-    return dead, [_row_to_op(row) for row in rows]
+    return dead, [_row_to_op(row) for row in rows], ended, refused
+
+
+def _end_lead_sessions(conn: Conn, dead: list[str]) -> tuple[int, list[str]]:
+    """End the leader-lock sessions of ``dead`` instances (by their ``application_name``);
+    the count ended and why others could not be (each in a savepoint: a refusal, another
+    role's session, must not undo the take-over)."""
+    pids = [row[0] for row in conn.execute(
+        "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+        " AND application_name = ANY(%s) AND pid <> pg_backend_pid()",
+        ([lead_session_name(i) for i in dead],)).fetchall()]
+    ended, refused = 0, []
+    for pid in pids:
+        try:
+            with conn.transaction():
+                row = conn.execute("SELECT pg_terminate_backend(%s)", (pid,)).fetchone()
+            ended += bool(row and row[0])
+        except psycopg.Error as e:
+            refused.append(str(e).strip())
+    return ended, refused
 
 
 def _register_instance(conn: Conn, row: tuple[Any, ...]) -> bool:

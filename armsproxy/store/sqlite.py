@@ -440,7 +440,7 @@ class SQLiteStore:
     async def retire_instance(self, instance_id: str) -> None:
         await self._run("retire_instance", _retire_instance, instance_id)
 
-    async def lead(self) -> bool:
+    async def lead(self, instance_id: str | None = None) -> bool:
         return True
 
     async def resign(self) -> None:
