@@ -392,9 +392,9 @@ class PostgreSQLStore:
             kwargs["application_name"] = name
         elif "application_name" not in params:
             kwargs["application_name"] = "armsproxy"
-        for name, value in extra.items():
-            if name not in params:
-                kwargs[name] = value
+        for key, value in extra.items():
+            if key not in params:
+                kwargs[key] = value
         return psycopg.connect(self.dsn, **kwargs)
 
     # -- operations -----------------------------------------------------------------------
@@ -1009,11 +1009,12 @@ def _take_over(conn: Conn, instance_id: str,
     dead = [row[0] for row in conn.execute(
         "SELECT instance_id FROM instances WHERE lease_until < %s AND instance_id <> %s"
         " FOR UPDATE SKIP LOCKED", (now, instance_id)).fetchall()]
+    ended, refused = 0, []
     if dead:
         conn.execute("DELETE FROM instances WHERE instance_id = ANY(%s)", (dead,))
         conn.execute("UPDATE sa_registry SET tunnel_owner = NULL"
                      " WHERE tunnel_owner = ANY(%s)", (dead,))
-    ended, refused = _end_lead_sessions(conn, dead) if dead else (0, [])
+        ended, refused = _end_lead_sessions(conn, dead)
     # operations_state_sa: the `sending` range only (a few per SA being sent to).
     rows = conn.execute(
         f"UPDATE operations AS o SET claimed_by = %s WHERE o.state = '{SENDING}'"
